@@ -1,0 +1,176 @@
+"""The HTTP contract both servers share (../shared/SPEC.md): schemas, errors, limits and common routes.
+
+    from api import build_app
+    app = build_app("naive", lifespan, settings)   # /health /ready /metrics + error handling
+    app.post("/predict")(...)                      # each server adds its own prediction routes
+
+Everything a client can send wrong ends as a JSON 4xx here, never a 500: pydantic validates the
+body, FastAPI's max_body_size refuses bodies over 1 MiB before they are parsed, and the handlers below keep the
+echoed input out of error bodies (a lone surrogate in it would otherwise break JSON encoding).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import AfterValidator, BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ops import Observability, RequestContext
+from settings import Settings
+
+log = logging.getLogger("sentimentalyzer.api")
+MAX_BODY_BYTES = 1 << 20
+
+
+def _clean_text(text: str) -> str:
+    if not text.strip():
+        raise ValueError("text must not be empty or whitespace only")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid unicode (no lone surrogates)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_clean_text)]
+
+
+class PredictRequest(BaseModel):
+    text: Text = Field(examples=["I loved it"])
+
+
+class BatchRequest(BaseModel):
+    texts: list[Text] = Field(min_length=1, examples=[["I loved it", "dull and far too long"]])
+
+
+class Label(BaseModel):
+    label: str = Field(examples=["POSITIVE"])
+    score: float = Field(description="probability of the returned label", examples=[0.998])
+
+
+class PredictResponse(Label):
+    latency_ms: float
+
+
+class BatchedPredictResponse(PredictResponse):
+    batch_size: int = Field(description="items that shared the forward pass that served this one")
+
+
+class BatchResponse(BaseModel):
+    predictions: list[Label]
+    latency_ms: float
+
+
+class ApiError(Exception):
+    """An error answer with a status, a JSON detail and optional headers."""
+
+    def __init__(self, status: int, detail: Any, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.headers = status, detail, headers or {}
+
+
+def too_long(field: tuple[str | int, ...], message: str) -> RequestValidationError:
+    """A 422 in FastAPI's own shape, for limits that come from settings rather than the schema."""
+    return RequestValidationError([{"type": "too_long", "loc": ("body", *field), "msg": message}])
+
+
+def check_texts(settings: Settings, texts: list[str], batch: bool) -> None:
+    if batch and len(texts) > settings.max_batch_items:
+        raise too_long(("texts",), f"at most {settings.max_batch_items} texts (MAX_BATCH_ITEMS), got {len(texts)}")
+    for i, text in enumerate(texts):
+        if len(text) > settings.max_text_chars:
+            loc: tuple[str | int, ...] = ("texts", i) if batch else ("text",)
+            raise too_long(loc, f"at most {settings.max_text_chars} characters (MAX_TEXT_CHARS), got {len(text)}")
+
+
+def require_ready(request: Request) -> Settings:
+    """The app's settings, or 503 while the model is not loaded and warm (or the worker died)."""
+    state = request.app.state
+    ready_check: Callable[[], bool] = state.is_ready
+    if not ready_check():
+        raise ApiError(503, "model not ready", {"Retry-After": "1"})
+    return state.settings
+
+
+def build_app(kind: str, lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]],
+              settings: Settings | None) -> FastAPI:
+    """A FastAPI app with the shared routes, handlers and middleware; settings None = from env at start."""
+    app = FastAPI(title=f"Sentimentalyzer ({kind})", lifespan=lifespan, max_body_size=MAX_BODY_BYTES,
+                  description="DistilBERT SST-2 sentiment; contract: shared/SPEC.md")
+    app.state.kind = kind
+    app.state.settings = settings
+    app.state.is_ready = lambda: False
+    app.state.ready_info = lambda: {}
+    app.state.obs = Observability(kind)
+    _add_handlers(app)
+    _add_common_routes(app)
+    app.add_middleware(DeclaredBodyLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(RequestContext, obs=app.state.obs, settings_of=lambda: app.state.settings)
+    return app
+
+
+def _add_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # input and ctx echo what the client sent, which may not even be encodable
+        detail = [{k: v for k, v in err.items() if k in ("type", "loc", "msg")} for err in exc.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+        return JSONResponse({"detail": "internal server error"}, status_code=500)
+
+
+def _add_common_routes(app: FastAPI) -> None:
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(request: Request) -> JSONResponse:
+        state = request.app.state
+        ok = state.is_ready()
+        return JSONResponse({"status": "ready" if ok else "not ready", **state.ready_info()},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        body, content_type = request.app.state.obs.exposition()
+        return Response(body, media_type=content_type)
+
+
+class DeclaredBodyLimit:
+    """413 as JSON for a declared Content-Length over the limit, before a byte of body is read.
+
+    FastAPI's max_body_size counts streamed bodies (and answers JSON), but answers a declared
+    oversize length in plain text, which the contract does not allow.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            declared = dict(scope["headers"]).get(b"content-length", b"0")
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                response = JSONResponse({"detail": f"request body over {self.max_bytes} bytes"}, status_code=413,
+                                        headers={"Connection": "close"})
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)

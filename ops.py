@@ -1,0 +1,152 @@
+"""Operations plumbing for both servers: Prometheus metrics, request IDs and one log line per request.
+
+    obs = Observability("batched")            # metrics in a registry of this app's own
+    body, content_type = obs.exposition()     # what GET /metrics returns
+    app.add_middleware(RequestContext, obs=obs, settings_of=lambda: settings)
+
+With PROMETHEUS_MULTIPROC_DIR set (uvicorn --workers N), prometheus-client's multiprocess mode
+aggregates every worker's metrics, so a scrape of any worker sees the whole server.
+"""
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import os
+import re
+import sys
+import time
+import uuid
+from collections.abc import Callable
+
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               generate_latest, multiprocess)
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from settings import Settings
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+_VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
+_KNOWN_PATHS = {"/predict", "/predict/batch", "/health", "/ready", "/metrics"}
+
+
+def _multiprocess() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+class Observability:
+    """Every metric of one app. Batch metrics exist on both servers, and stay empty on the naive one."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        # In multiprocess mode values live in files shared by all workers, not in a registry.
+        self.registry = None if _multiprocess() else CollectorRegistry()
+        r, ns = self.registry, "sentimentalyzer"
+        self.requests = Counter("requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                                namespace=ns, registry=r)
+        self.latency = Histogram("request_latency_seconds", "HTTP request latency", ["endpoint"],
+                                 namespace=ns, registry=r, buckets=_LATENCY_BUCKETS)
+        self.batch_size = Histogram("batch_size", "items per forward pass", namespace=ns, registry=r,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+        self.queue_wait = Histogram("queue_wait_seconds", "time from enqueue to the start of its batch",
+                                    namespace=ns, registry=r, buckets=_LATENCY_BUCKETS)
+        self.compute = Histogram("compute_seconds", "time one taken batch spends in the worker thread",
+                                 namespace=ns, registry=r, buckets=_LATENCY_BUCKETS)
+        self.queue_depth = Gauge("queue_depth", "items waiting for the model", namespace=ns, registry=r,
+                                 multiprocess_mode="livesum")
+        self.real_tokens = Counter("real_tokens", "tokens of the texts computed", namespace=ns, registry=r)
+        self.computed_tokens = Counter("computed_tokens", "tokens computed, padding included",
+                                       namespace=ns, registry=r)
+        self.dropped = Counter("dropped", "items answered without compute, by reason", ["reason"],
+                               namespace=ns, registry=r)
+        self.ready = Gauge("ready", "1 while /ready answers 200", namespace=ns, registry=r,
+                           multiprocess_mode="livemin")
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text format for GET /metrics, with padding efficiency (real / computed tokens)."""
+        if self.registry is None:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        else:
+            registry = self.registry
+        body = generate_latest(registry)
+        real, computed = _sample(registry, "sentimentalyzer_real_tokens_total"), \
+            _sample(registry, "sentimentalyzer_computed_tokens_total")
+        efficiency = real / computed if computed else 1.0
+        body += (b"# HELP sentimentalyzer_padding_efficiency real tokens / computed tokens since start\n"
+                 b"# TYPE sentimentalyzer_padding_efficiency gauge\n"
+                 b"sentimentalyzer_padding_efficiency %.6f\n" % efficiency)
+        return body, CONTENT_TYPE_LATEST
+
+
+def _sample(registry: CollectorRegistry, name: str) -> float:
+    return float(registry.get_sample_value(name) or 0.0)
+
+
+def configure_logging(settings: Settings) -> None:
+    """One handler on stderr for our loggers; the request ID goes on every line."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_RequestIdFilter())
+    handler.setFormatter(_JsonFormatter() if settings.log_format == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    root = logging.getLogger("sentimentalyzer")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    logging.getLogger("uvicorn.access").disabled = True  # our access line replaces uvicorn's
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        return True
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
+                "request_id": getattr(record, "request_id", "-"), "message": record.getMessage()}
+        line.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=True)
+
+
+access_log = logging.getLogger("sentimentalyzer.access")
+
+
+class RequestContext:
+    """Pure ASGI: request ID (accepted or generated, echoed), latency and status metrics, access log."""
+
+    def __init__(self, app: ASGIApp, obs: Observability, settings_of: Callable[[], Settings | None]) -> None:
+        self.app, self.obs, self.settings_of = app, obs, settings_of
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if _VALID_ID.match(given) else uuid.uuid4().hex
+        token = request_id.set(rid)
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            path = scope["path"]
+            endpoint = path if path in _KNOWN_PATHS else "other"  # bounded label cardinality
+            self.obs.requests.labels(endpoint, str(status)).inc()
+            self.obs.latency.labels(endpoint).observe(elapsed)
+            access_log.info("%s %s %d %.1fms", scope["method"], path, status, elapsed * 1000,
+                            extra={"fields": {"method": scope["method"], "path": path, "status": status,
+                                              "latency_ms": round(elapsed * 1000, 2)}})
+            request_id.reset(token)

@@ -1,0 +1,123 @@
+"""Settings for both servers, read from the environment (names and defaults: ../shared/SPEC.md).
+
+    from settings import Settings
+    s = Settings.from_env()                  # os.environ, validated
+    s = Settings(max_batch_size=8)           # tests build their own
+
+One frozen dataclass, validated on creation, so a bad value fails at start with a message that
+names the variable instead of surfacing as a strange error under load.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+DEFAULT_MODEL_ID = "distilbert-base-uncased-finetuned-sst-2-english"
+NAIVE_MODES = ("threadpool", "blocking", "on-demand")
+DTYPES = ("auto", "fp32", "fp16", "bf16", "int8")
+BATCH_POLICIES = ("cost", "tokens", "pad")
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
+_RATE_UNIT_S = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
+
+
+class SettingsError(ValueError):
+    """A configuration value is invalid; the message names the environment variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_id: str = DEFAULT_MODEL_ID
+    model_fallback: bool = True
+    device: str = "auto"
+    dtype: str = "auto"
+    max_text_chars: int = 10_000
+    max_batch_items: int = 64
+    naive_mode: str = "threadpool"
+    max_batch_size: int = 64
+    max_wait_ms: float = 2.0
+    max_queue: int = 2048
+    request_timeout_ms: float = 10_000.0
+    # How a taken batch is split into forward passes (not in the spec; see README "Batching policy").
+    batch_policy: str = "cost"
+    max_batch_tokens: int = 8192
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    rate_limit: str | None = None
+    redis_url: str | None = field(default=None, repr=False)
+    log_format: str = "text"
+
+    def __post_init__(self) -> None:
+        _check(bool(self.model_id.strip()), "MODEL_ID", "must not be empty")
+        _check(self.device == "auto" or self.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", self.device) is not None,
+               "DEVICE", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _check(self.dtype in DTYPES, "DTYPE", f"must be one of {DTYPES}, got {self.dtype!r}")
+        _check(self.naive_mode in NAIVE_MODES, "NAIVE_MODE", f"must be one of {NAIVE_MODES}, got {self.naive_mode!r}")
+        _check(self.batch_policy in BATCH_POLICIES, "BATCH_POLICY",
+               f"must be one of {BATCH_POLICIES}, got {self.batch_policy!r}")
+        _check(self.log_format in ("text", "json"), "LOG_FORMAT", f"must be text or json, got {self.log_format!r}")
+        for name, value in (("MAX_TEXT_CHARS", self.max_text_chars), ("MAX_BATCH_ITEMS", self.max_batch_items),
+                            ("MAX_BATCH_SIZE", self.max_batch_size), ("MAX_QUEUE", self.max_queue),
+                            ("MAX_BATCH_TOKENS", self.max_batch_tokens)):
+            _check(value >= 1, name, f"must be >= 1, got {value}")
+        _check(self.max_wait_ms >= 0, "MAX_WAIT_MS", f"must be >= 0, got {self.max_wait_ms}")
+        _check(self.request_timeout_ms > 0, "REQUEST_TIMEOUT_MS", f"must be > 0, got {self.request_timeout_ms}")
+        _check(all(k.strip() for k in self.api_keys), "API_KEYS", "must not contain empty keys")
+        if self.rate_limit is not None:
+            _check(_RATE.match(self.rate_limit) is not None, "RATE_LIMIT",
+                   f"must look like 50/s or 600/minute, got {self.rate_limit!r}")
+
+    @property
+    def max_wait_s(self) -> float:
+        return self.max_wait_ms / 1000.0
+
+    @property
+    def request_timeout_s(self) -> float:
+        return self.request_timeout_ms / 1000.0
+
+    @property
+    def rate_limit_per_window(self) -> tuple[int, int] | None:
+        """RATE_LIMIT as (requests, window_s), or None when unset."""
+        if self.rate_limit is None:
+            return None
+        m = _RATE.match(self.rate_limit)
+        assert m is not None  # validated in __post_init__
+        return int(m.group(1)), _RATE_UNIT_S[m.group(2)]
+
+    def replace(self, **changes: object) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        kwargs: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f.name.upper())
+            if raw is None or raw.strip() == "":
+                continue
+            kwargs[f.name] = _parse(f.name.upper(), f.type, raw.strip())
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+
+def _parse(name: str, type_: object, raw: str) -> object:
+    t = str(type_)
+    try:
+        if t == "bool":
+            if raw.lower() not in ("0", "1", "true", "false", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes")
+        if t == "int":
+            return int(raw)
+        if t == "float":
+            return float(raw)
+        if t.startswith("tuple"):
+            return tuple(k.strip() for k in raw.split(",") if k.strip())
+    except ValueError:
+        raise SettingsError(f"{name}: cannot read {raw!r} as {t}") from None
+    return raw
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise SettingsError(f"{name}: {message}")
