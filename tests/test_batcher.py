@@ -1,0 +1,205 @@
+"""DynamicBatcher with a deterministic stub model: batching, order, limits, failures and drain.
+
+    pytest tests/test_batcher.py -q
+
+No timing assertions: batch boundaries are made deterministic with a huge max wait (the first
+n-1 items stay pending until the n-th fills the batch) or with a gate that holds the worker.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from batcher import (BatchError, BatcherStopped, DeadlineExceeded, DynamicBatcher, QueueFull,
+                     retry_after_header)
+from tests.conftest import StubModel
+
+pytestmark = pytest.mark.anyio
+HUGE_WAIT = 3600.0
+
+
+async def started(fn, **kw) -> DynamicBatcher:
+    b = DynamicBatcher(fn, **kw)
+    await b.start()
+    return b
+
+
+async def until(predicate, limit_s: float = 10.0) -> None:
+    """Lets the event loop run until predicate holds (a bound, not a timing assertion)."""
+    for _ in range(int(limit_s / 0.001)):
+        if predicate():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("condition never held")
+
+
+async def test_full_batch_forms_only_when_the_last_item_arrives() -> None:
+    stub = StubModel()
+    b = await started(stub, max_batch_size=4, max_wait_s=HUGE_WAIT)
+    futs = [b.submit_nowait(i) for i in range(3)]
+    await asyncio.sleep(0.05)
+    assert not any(f.done() for f in futs) and stub.batches == []  # the first n-1 stay pending
+    futs.append(b.submit_nowait(3))
+    assert await asyncio.gather(*futs) == [0, 2, 4, 6]
+    assert stub.sizes == [4]
+    await b.stop()
+
+
+async def test_many_callers_share_batches_and_keep_order() -> None:
+    stub = StubModel()
+    b = await started(stub, max_batch_size=8, max_wait_s=HUGE_WAIT)
+    results = await asyncio.gather(*(b.submit(i) for i in range(32)))
+    assert results == [2 * i for i in range(32)]
+    assert stub.sizes == [8, 8, 8, 8]
+    assert stub.computed == list(range(32))
+    await b.stop()
+
+
+async def test_items_queued_during_compute_form_the_next_batch() -> None:
+    gate = threading.Event()
+    stub = StubModel(gate=gate)
+    b = await started(stub, max_batch_size=64, max_wait_s=0)
+    first = b.submit_nowait("a")
+    await until(stub.entered.is_set)
+    rest = [b.submit_nowait(x) for x in "bcdef"]  # arrive while "a" computes
+    gate.set()
+    assert await asyncio.gather(first, *rest) == ["aa", "bb", "cc", "dd", "ee", "ff"]
+    assert stub.sizes == [1, 5]
+    await b.stop()
+
+
+async def test_max_wait_zero_takes_what_is_queued_at_once() -> None:
+    stub = StubModel()
+    b = await started(stub, max_batch_size=64, max_wait_s=0)
+    assert await b.submit(1) == 2
+    assert stub.sizes == [1]
+    await b.stop()
+
+
+async def test_batch_never_exceeds_max_batch_size() -> None:
+    gate = threading.Event()
+    stub = StubModel(gate=gate)
+    b = await started(stub, max_batch_size=3, max_wait_s=0)
+    futs = [b.submit_nowait(i) for i in range(10)]
+    gate.set()
+    await asyncio.gather(*futs)
+    assert max(stub.sizes) <= 3 and sum(stub.sizes) == 10
+    await b.stop()
+
+
+async def test_queue_full_is_refused_at_once_with_retry_after() -> None:
+    gate = threading.Event()
+    b = await started(StubModel(gate=gate), max_batch_size=1, max_wait_s=0, max_queue=2)
+    held = b.submit_nowait(0)
+    await until(lambda: b.depth == 0)  # item 0 is in the worker now
+    queued = [b.submit_nowait(1), b.submit_nowait(2)]
+    with pytest.raises(QueueFull) as err:
+        b.submit_nowait(3)
+    assert err.value.depth == 2 and err.value.retry_after_s > 0
+    assert b.stats.refused == 1
+    gate.set()
+    assert await asyncio.gather(held, *queued) == [0, 2, 4]
+    await b.stop()
+
+
+async def test_retry_after_tracks_depth_and_measured_throughput() -> None:
+    b = DynamicBatcher(StubModel(), max_batch_size=4)
+    b.stats.items_per_s = 100.0
+    b._live = 250
+    assert b.retry_after_s() == pytest.approx(2.5)
+    assert retry_after_header(2.5) == "3" and retry_after_header(0.01) == "1"
+
+
+async def test_deadline_answers_queued_item_and_never_computes_it() -> None:
+    gate = threading.Event()
+    stub = StubModel(gate=gate)
+    b = await started(stub, max_batch_size=1, max_wait_s=0, timeout_s=0.05)
+    held = b.submit_nowait("computing")
+    await until(stub.entered.is_set)
+    late = b.submit_nowait("late")
+    with pytest.raises(DeadlineExceeded):
+        await late
+    gate.set()
+    assert await held == "computingcomputing"
+    await b.stop()
+    assert "late" not in stub.computed and b.stats.expired == 1
+
+
+async def test_cancelled_caller_is_skipped_not_computed() -> None:
+    gate = threading.Event()
+    stub = StubModel(gate=gate)
+    b = await started(stub, max_batch_size=8, max_wait_s=0)
+    held = b.submit_nowait("x")
+    await until(stub.entered.is_set)
+    caller = asyncio.ensure_future(b.submit("gone"))
+    kept = b.submit_nowait("kept")
+    await asyncio.sleep(0)
+    caller.cancel()
+    gate.set()
+    assert await asyncio.gather(held, kept) == ["xx", "keptkept"]
+    await b.stop()
+    assert "gone" not in stub.computed and b.stats.cancelled == 1
+
+
+async def test_failure_reaches_only_the_items_that_cause_it() -> None:
+    stub = StubModel(fail_on=5)
+    b = await started(stub, max_batch_size=8, max_wait_s=HUGE_WAIT)
+    futs = [b.submit_nowait(i) for i in range(8)]
+    outcomes = await asyncio.gather(*futs, return_exceptions=True)
+    assert [o for i, o in enumerate(outcomes) if i != 5] == [2 * i for i in range(8) if i != 5]
+    assert isinstance(outcomes[5], ValueError) and "cannot process 5" in str(outcomes[5])
+    assert b.stats.items_failed == 1
+    assert await asyncio.gather(*(b.submit(i) for i in range(10, 18))) == [2 * i for i in range(10, 18)]  # serving
+    await b.stop()
+
+
+async def test_wrong_output_length_names_both_numbers() -> None:
+    b = await started(StubModel(wrong_length=True), max_batch_size=1, max_wait_s=0)
+    with pytest.raises(BatchError, match="returned 0 results for 1 inputs"):
+        await b.submit(1)
+    await b.stop()
+
+
+async def test_stop_finishes_everything_queued_and_refuses_new_items() -> None:
+    gate = threading.Event()
+    stub = StubModel(gate=gate)
+    b = await started(stub, max_batch_size=4, max_wait_s=0)
+    futs = [b.submit_nowait(i) for i in range(10)]
+    stopping = asyncio.ensure_future(b.stop())
+    await asyncio.sleep(0.01)
+    with pytest.raises(BatcherStopped):
+        b.submit_nowait(99)
+    gate.set()
+    await stopping
+    assert [f.result() for f in futs] == [2 * i for i in range(10)]
+
+
+async def test_healthy_turns_false_when_a_batch_stalls() -> None:
+    gate = threading.Event()
+    stub = StubModel(gate=gate)
+    b = await started(stub, max_batch_size=1, max_wait_s=0)
+    assert b.healthy(stall_s=60)
+    fut = b.submit_nowait(1)
+    await until(stub.entered.is_set)
+    await asyncio.sleep(0.02)
+    assert not b.healthy(stall_s=0.01) and b.healthy(stall_s=60)
+    gate.set()
+    await fut
+    await b.stop()
+    assert not b.healthy(stall_s=60)
+
+
+async def test_batching_beats_one_by_one_on_a_fixed_cost_model() -> None:
+    """The stub's cost is fixed + per_item * n, so fewer, larger batches do less work: count it."""
+    stub = StubModel(fixed_s=0.0, per_item_s=0.0)
+    b = await started(stub, max_batch_size=16, max_wait_s=HUGE_WAIT)
+    await asyncio.gather(*(b.submit(i) for i in range(64)))
+    assert len(stub.batches) == 4  # 4 fixed costs instead of 64
+    await b.stop()
+
+
+def test_invalid_limits_are_rejected() -> None:
+    with pytest.raises(ValueError, match="max_batch_size"):
+        DynamicBatcher(lambda xs: xs, max_batch_size=0)
