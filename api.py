@@ -5,7 +5,7 @@
     app.post("/predict")(...)                      # each server adds its own prediction routes
 
 Everything a client can send wrong ends as a JSON 4xx here, never a 500: pydantic validates the
-body, FastAPI's max_body_size refuses bodies over 1 MiB before they are parsed, and the handlers below keep the
+body, `BodyLimit` refuses bodies over 1 MiB before they are parsed, and the handlers below keep the
 echoed input out of error bodies (a lone surrogate in it would otherwise break JSON encoding).
 """
 from __future__ import annotations
@@ -21,9 +21,10 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import AfterValidator, BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ops import Observability, RequestContext
+import guard
+from ops import Observability, RequestContext, configure_logging
 from settings import Settings
 
 log = logging.getLogger("sentimentalyzer.api")
@@ -101,9 +102,9 @@ def require_ready(request: Request) -> Settings:
 
 
 def build_app(kind: str, lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]],
-              settings: Settings | None) -> FastAPI:
-    """A FastAPI app with the shared routes, handlers and middleware; settings None = from env at start."""
-    app = FastAPI(title=f"Sentimentalyzer ({kind})", lifespan=lifespan, max_body_size=MAX_BODY_BYTES,
+              settings: Settings) -> FastAPI:
+    """A FastAPI app with the shared routes, handlers and middleware, for these settings."""
+    app = FastAPI(title=f"Sentimentalyzer ({kind})", lifespan=lifespan,
                   description="DistilBERT SST-2 sentiment; contract: shared/SPEC.md")
     app.state.kind = kind
     app.state.settings = settings
@@ -112,7 +113,11 @@ def build_app(kind: str, lifespan: Callable[[FastAPI], AbstractAsyncContextManag
     app.state.obs = Observability(kind)
     _add_handlers(app)
     _add_common_routes(app)
-    app.add_middleware(DeclaredBodyLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    if settings is not None:
+        configure_logging(settings)  # before uvicorn's first line, so LOG_FORMAT=json covers every line
+        if guard.enabled(settings):  # inside RequestContext: refusals get a request ID, a log line, metrics
+            app.add_middleware(guard.Guard, settings=settings, obs=app.state.obs)
     app.add_middleware(RequestContext, obs=app.state.obs, settings_of=lambda: app.state.settings)
     return app
 
@@ -156,21 +161,36 @@ def _add_common_routes(app: FastAPI) -> None:
         return Response(body, media_type=content_type)
 
 
-class DeclaredBodyLimit:
-    """413 as JSON for a declared Content-Length over the limit, before a byte of body is read.
+class BodyLimit:
+    """Refuses bodies over max_bytes with a JSON 413 before they are parsed, declared or streamed.
 
-    FastAPI's max_body_size counts streamed bodies (and answers JSON), but answers a declared
-    oversize length in plain text, which the contract does not allow.
+    (FastAPI's own max_body_size answers a declared oversize length in plain text, which the
+    contract does not allow.) A streamed body raises HTTPException from receive(): FastAPI lets
+    that one through its body reading, and the handler above turns it into JSON.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            declared = dict(scope["headers"]).get(b"content-length", b"0")
-            if declared.isdigit() and int(declared) > self.max_bytes:
-                response = JSONResponse({"detail": f"request body over {self.max_bytes} bytes"}, status_code=413,
-                                        headers={"Connection": "close"})
-                return await response(scope, receive, send)
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            response = JSONResponse({"detail": self._detail}, status_code=413, headers={"Connection": "close"})
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise StarletteHTTPException(413, self._detail)
+            return message
+
+        await self.app(scope, limited, send)
+
+    @property
+    def _detail(self) -> str:
+        return f"request body over {self.max_bytes} bytes"

@@ -5,7 +5,8 @@
     app.add_middleware(RequestContext, obs=obs, settings_of=lambda: settings)
 
 With PROMETHEUS_MULTIPROC_DIR set (uvicorn --workers N), prometheus-client's multiprocess mode
-aggregates every worker's metrics, so a scrape of any worker sees the whole server.
+aggregates every worker's metrics, so a scrape of any worker sees the whole server. The directory
+must be empty at start (files of an earlier run would add their counts).
 """
 from __future__ import annotations
 
@@ -62,10 +63,14 @@ class Observability:
                                namespace=ns, registry=r)
         self.ready = Gauge("ready", "1 while /ready answers 200", namespace=ns, registry=r,
                            multiprocess_mode="livemin")
+        self.ratelimit_fallbacks = Counter("ratelimit_fallback", "rate-limit decisions made in-process "
+                                           "because the shared store (REDIS_URL) was unreachable",
+                                           namespace=ns, registry=r)
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format for GET /metrics, with padding efficiency (real / computed tokens)."""
         if self.registry is None:
+            forget_dead_workers(os.environ["PROMETHEUS_MULTIPROC_DIR"])
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
         else:
@@ -78,6 +83,31 @@ class Observability:
                  b"# TYPE sentimentalyzer_padding_efficiency gauge\n"
                  b"sentimentalyzer_padding_efficiency %.6f\n" % efficiency)
         return body, CONTENT_TYPE_LATEST
+
+
+def forget_dead_workers(path: str) -> None:
+    """Drops the live gauges (queue depth, ready) of workers that exited.
+
+    gunicorn calls mark_process_dead from a child_exit hook; uvicorn has no such hook, so a restarted
+    or crashed worker's last values would otherwise stay in every scrape.
+    """
+    for name in os.listdir(path):
+        match = re.fullmatch(r"gauge_live\w+?_(\d+)\.db", name)
+        if match and not _alive(int(match.group(1))):
+            try:
+                multiprocess.mark_process_dead(int(match.group(1)), path)
+            except FileNotFoundError:  # another worker's scrape removed it first
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, under another user
+        pass
+    return True
 
 
 def _sample(registry: CollectorRegistry, name: str) -> float:
@@ -94,6 +124,11 @@ def configure_logging(settings: Settings) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     root.propagate = False
+    if settings.log_format == "json":
+        # uvicorn's own lines (startup, errors) go to the same pipeline, so they must be JSON too
+        uvicorn_log = logging.getLogger("uvicorn")
+        uvicorn_log.handlers[:] = [handler]
+        uvicorn_log.propagate = False
     logging.getLogger("uvicorn.access").disabled = True  # our access line replaces uvicorn's
 
 

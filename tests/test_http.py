@@ -145,8 +145,12 @@ def test_standin_tokenizer_is_the_real_vocabulary() -> None:
 def test_unreachable_hub_falls_back_to_the_stand_in_loudly(monkeypatch, caplog, tmp_path) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("SENTIMENTALYZER_CACHE", str(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="sentimentalyzer.model"):
+    logger = logging.getLogger("sentimentalyzer.model")
+    logger.addHandler(caplog.handler)  # our loggers do not propagate once an app configured logging
+    try:
         source = resolve_source(Settings(model_id="no-such-org/no-such-model"))
+    finally:
+        logger.removeHandler(caplog.handler)
     assert source.kind == STAND_IN and "STAND-IN" in caplog.text
     cfg = json.loads((tmp_path / "stand-in-distilbert-sst2-v1" / "config.json").read_text())
     assert (cfg["n_layers"], cfg["dim"], cfg["id2label"]) == (6, 768, {"0": "NEGATIVE", "1": "POSITIVE"})

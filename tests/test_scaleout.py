@@ -1,0 +1,238 @@
+"""Scale-out with real processes: uvicorn workers, Redis-shared rate limits, nginx in front of two replicas.
+
+    pytest tests/test_scaleout.py -q     # ~30-60 s on 2 cores; needs redis-server and nginx (apt)
+
+One cluster for the module, on 127.0.0.1 and free ports: redis-server; replica A = batched_server
+under `uvicorn --workers 2` with PROMETHEUS_MULTIPROC_DIR and text logs; replica B = one process with
+LOG_FORMAT=json; both with API_KEYS, RATE_LIMIT and REDIS_URL; nginx running deploy/nginx.conf over
+both. Tests that need a binary skip with the Debian package to install. The last test stops replica
+B, so it stays last. Every process is started in its own session and killed in teardown.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from prometheus_client import CollectorRegistry, multiprocess
+
+from tests.processes import Proc, eventually, free_port, need, start_nginx, start_uvicorn, wait_until_ok
+from tests.test_ops import sample, scrape
+
+KEYS = ("k-metrics", "k-shared", "k-nginx", "k-logs", "k-failover", "k-stub")
+LIMIT = 40  # per key per hour: a test never waits out a window, so counts are exact
+TEXT = {"text": "I loved it"}
+
+
+def start_replica(name: str, tmp: Path, model_dir: str, redis_url: str, workers: int = 1,
+                  **env: str) -> tuple[Proc, str]:
+    env.update(MODEL_ID=model_dir, MODEL_FALLBACK="0", DEVICE="cpu", API_KEYS=",".join(KEYS),
+               RATE_LIMIT=f"{LIMIT}/hour", REDIS_URL=redis_url)
+    return start_uvicorn(name, tmp, "batched_server:app", env, workers)
+
+
+@dataclass
+class Cluster:
+    a: Proc
+    a_url: str
+    a_metrics_dir: Path
+    b: Proc
+    b_url: str
+    redis_url: str
+    tmp: Path
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    binary = need("redis-server", "redis-server")
+    port = free_port()
+    proc = Proc.start("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no"], tmp_path_factory.mktemp("redis"))
+    client = redis.Redis(port=port, socket_timeout=1)
+    try:
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.1)
+        else:
+            pytest.fail(f"redis-server did not answer:\n{proc.text()}")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        client.close()
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(redis_url: str, tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    tmp = tmp_path_factory.mktemp("cluster")
+    metrics_dir = tmp / "prometheus-a"
+    metrics_dir.mkdir()
+    procs: list[Proc] = []
+    try:
+        a, a_url = start_replica("replica-a", tmp, tiny_model_dir, redis_url, workers=2,
+                                 PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+        procs.append(a)
+        b, b_url = start_replica("replica-b", tmp, tiny_model_dir, redis_url, LOG_FORMAT="json")
+        procs.append(b)
+        wait_until_ok(a, f"{a_url}/ready")
+        wait_until_ok(b, f"{b_url}/ready")
+        yield Cluster(a, a_url, metrics_dir, b, b_url, redis_url, tmp)
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+@pytest.fixture(scope="module")
+def nginx_url(cluster: Cluster) -> Iterator[str]:
+    """deploy/nginx.conf in front of replicas A and B."""
+    nginx, url = start_nginx(cluster.tmp / "nginx", [cluster.a_url.removeprefix("http://"),
+                                                     cluster.b_url.removeprefix("http://")])
+    try:
+        yield url
+    finally:
+        nginx.stop()
+
+
+def served_predictions(url: str) -> float:
+    metrics = httpx.get(f"{url}/metrics", headers={"X-API-Key": "k-metrics"}, timeout=10)
+    metrics.raise_for_status()
+    return sample(scrape(metrics.text), "sentimentalyzer_requests_total", endpoint="/predict", status="200")
+
+
+def health_by_worker(metrics_dir: Path, tmp: Path) -> dict[int, float]:
+    """/health requests each worker counted, read from that worker's own multiprocess file."""
+    counts = {}
+    for db in metrics_dir.glob("counter_*.db"):
+        pid = int(db.stem.split("_")[1])
+        alone = tmp / f"worker-{pid}"
+        alone.mkdir(exist_ok=True)
+        shutil.copy(db, alone / db.name)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, str(alone))
+        counts[pid] = registry.get_sample_value("sentimentalyzer_requests_total",
+                                                {"endpoint": "/health", "status": "200"}) or 0.0
+    return counts
+
+
+def test_multiprocess_metrics_add_up_every_worker(cluster: Cluster) -> None:
+    def fresh_connection(_: int) -> int:  # a new connection each time, so either worker may accept it
+        return httpx.get(f"{cluster.a_url}/health", headers={"Connection": "close"}, timeout=10).status_code
+
+    sent, by_worker = 0, {}
+    with ThreadPoolExecutor(8) as pool:
+        while sent < 400:
+            assert set(pool.map(fresh_connection, range(40))) == {200}
+            sent += 40
+            by_worker = health_by_worker(cluster.a_metrics_dir, cluster.tmp)
+            if len([n for n in by_worker.values() if n > 0]) == 2:
+                break
+    assert sorted(n > 0 for n in by_worker.values()) == [True, True], f"one worker served all {sent}: {by_worker}"
+    assert sum(by_worker.values()) == sent
+    for _ in range(4):  # whichever worker answers the scrape, it reports the whole server
+        response = httpx.get(f"{cluster.a_url}/metrics", headers={"X-API-Key": "k-metrics"}, timeout=10)
+        assert sample(scrape(response.text), "sentimentalyzer_requests_total", endpoint="/health", status="200") == sent
+
+
+def test_log_lines_carry_request_ids_in_text_and_json(cluster: Cluster) -> None:
+    for url, rid in ((cluster.a_url, "scaleout-text-1"), (cluster.b_url, "scaleout-json-1")):
+        response = httpx.post(f"{url}/predict", json=TEXT, headers={"X-API-Key": "k-logs", "X-Request-ID": rid})
+        assert response.status_code == 200 and response.headers["X-Request-ID"] == rid
+        assert response.headers["X-Batch-Size"] == "1" and "infer;dur=" in response.headers["Server-Timing"]
+    # the access line is written just after the response is sent
+    assert eventually(lambda: "[scaleout-text-1] POST /predict 200" in cluster.a.text())
+    assert eventually(lambda: '"scaleout-json-1"' in cluster.b.text())
+    lines = cluster.b.text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line, uvicorn's own included, is JSON
+    assert any(r["message"].startswith("Application startup complete") for r in records)
+    access = [r for r in records if r["request_id"] == "scaleout-json-1"]
+    assert [(r["path"], r["status"]) for r in access] == [("/predict", 200)]
+
+
+def test_rate_limit_is_shared_by_every_process_through_redis(cluster: Cluster) -> None:
+    statuses, last = [], None
+    for i in range(LIMIT + 10):  # alternate replica A (two workers) and replica B: three processes
+        last = httpx.post(f"{(cluster.a_url, cluster.b_url)[i % 2]}/predict", json=TEXT,
+                          headers={"Authorization": "Bearer k-shared"}, timeout=10)
+        statuses.append(last.status_code)
+    assert statuses == [200] * LIMIT + [429] * 10
+    assert last is not None and 3500 <= int(last.headers["Retry-After"]) <= 3600
+    stored = redis.Redis.from_url(cluster.redis_url).keys("sentimentalyzer:ratelimit:*")
+    assert stored and not any(b"k-shared" in key for key in stored)  # keys are stored as digests only
+
+
+def test_nginx_round_robins_over_both_replicas(cluster: Cluster, nginx_url: str) -> None:
+    before = served_predictions(cluster.a_url), served_predictions(cluster.b_url)
+    for _ in range(10):
+        response = httpx.post(f"{nginx_url}/predict", json=TEXT, headers={"X-API-Key": "k-nginx"}, timeout=10)
+        assert response.status_code == 200 and response.json()["label"] in ("POSITIVE", "NEGATIVE")
+        assert re.fullmatch(r"[0-9a-f]{32}", response.headers["X-Request-ID"])  # minted by nginx, kept by the app
+    a, b = served_predictions(cluster.a_url) - before[0], served_predictions(cluster.b_url) - before[1]
+    assert a + b == 10 and min(a, b) >= 4, (a, b)
+    refused = httpx.post(f"{nginx_url}/predict", json=TEXT, timeout=10)
+    assert refused.status_code == 401 and refused.json()["detail"]
+    at_limit = httpx.post(f"{nginx_url}/predict", content=b"x" * (1 << 20), timeout=10)
+    assert at_limit.status_code == 401  # refused by a replica before it read the body: not a replica failure
+    for size in ((1 << 20) + 1, 3_000_000):  # nginx enforces the app's limit itself, in the app's JSON
+        big = httpx.post(f"{nginx_url}/predict", content=b"x" * size, timeout=10,
+                         headers={"X-API-Key": "k-nginx", "Content-Type": "application/json"})
+        assert big.status_code == 413 and big.json()["detail"] == "request body over 1048576 bytes"
+
+
+class NotReady(BaseHTTPRequestHandler):
+    """A replica that is up but not ready: 503 to everything, as the app answers before warm-up."""
+    hits = 0
+
+    def do_POST(self) -> None:
+        type(self).hits += 1
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = b'{"detail": "model not ready"}'
+        self.send_response(503)
+        for name, value in (("Content-Type", "application/json"), ("Retry-After", "1"),
+                            ("Content-Length", str(len(body)))):
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+def test_nginx_skips_a_replica_that_is_not_ready(cluster: Cluster) -> None:
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), NotReady)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    nginx, url = start_nginx(cluster.tmp / "nginx-stub", [cluster.a_url.removeprefix("http://"),
+                                                          f"127.0.0.1:{stub.server_address[1]}"])
+    try:
+        statuses = [httpx.post(f"{url}/predict", json=TEXT, headers={"X-API-Key": "k-stub"}, timeout=10).status_code
+                    for _ in range(6)]
+    finally:
+        nginx.stop()
+        stub.shutdown()
+        stub.server_close()
+    assert statuses == [200] * 6
+    assert NotReady.hits >= 1  # it was in the rotation, and its 503s were retried on the ready replica
+
+
+def test_stopping_a_replica_keeps_requests_succeeding(cluster: Cluster, nginx_url: str) -> None:  # keep last: stops B
+    before = served_predictions(cluster.a_url)
+    cluster.b.stop()
+    # uvicorn re-raises the SIGTERM it handled once shut down, so -15 is a clean exit too
+    assert cluster.b.popen.returncode in (0, -signal.SIGTERM), cluster.b.text()[-2000:]
+    assert "Application shutdown complete" in cluster.b.text()
+    statuses = [httpx.post(f"{nginx_url}/predict", json=TEXT, headers={"X-API-Key": "k-failover"},
+                           timeout=10).status_code for _ in range(10)]
+    assert statuses == [200] * 10
+    assert served_predictions(cluster.a_url) - before == 10
