@@ -10,6 +10,7 @@ ones it shares a batch with pay for its padding. The servers differ only in how 
 """
 from __future__ import annotations
 
+import collections
 import importlib.util
 import logging
 import os
@@ -219,6 +220,10 @@ class Engine:
         self.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
         # cost(n, L) ~ fixed + per_token * n * L + per_attn * n * L^2 in seconds; refined by calibrate()
         self.cost_coef = (1e-3, 2e-5, 0.0)
+        # Timings of real passes: the cost model is refitted from them, so a warm-up taken while the
+        # machine was busy does not steer grouping for the whole life of the process.
+        self._passes: collections.deque[tuple[int, int, float]] = collections.deque(maxlen=256)
+        self._seen = 0
         # Rust tokenizers raise "Already borrowed" if two threads use one at the same moment.
         self._tokenizer_lock = threading.Lock()
 
@@ -272,18 +277,26 @@ class Engine:
                                     tokenize_ms, infer_s * 1000)
             if on_pass is not None:
                 on_pass(PassStats(len(group), sum(lengths[i] for i in group), computed, infer_s))
+            self._learn(len(group), computed // len(group), infer_s)
         return out  # type: ignore[return-value]
 
     def warmup(self, calibrate: bool = True) -> None:
         """Runs a few passes (first calls allocate and pick kernels) and fits the cost model."""
         self._time_pass(1, 8)
         shapes = ((1, 8), (1, 64), (4, 16), (16, 32), (32, 16), (4, 256), (2, 512))
-        # the best of two runs per shape: the first of a shape may pay for allocation
-        samples = [(n, length, min(self._time_pass(n, length) for _ in range(2))) for n, length in shapes]
+        # the best of three runs per shape: the first may pay for allocation, others for a busy machine
+        samples = [(n, length, min(self._time_pass(n, length) for _ in range(3))) for n, length in shapes]
         if calibrate:
             self.cost_coef = fit_cost(samples)
         log.info("warm: cost model fixed=%.2fms per_token=%.3fus per_attn=%.5fus", self.cost_coef[0] * 1e3,
                  self.cost_coef[1] * 1e6, self.cost_coef[2] * 1e6)
+
+    def _learn(self, n: int, length: int, seconds: float) -> None:
+        """Refits the cost model every 32 passes from the latest real ones (diverse shapes only)."""
+        self._passes.append((n, length, seconds))
+        self._seen += 1
+        if self._seen % 32 == 0 and len({n * length for n, length, _ in self._passes}) >= 4:
+            self.cost_coef = fit_cost(list(self._passes))
 
     def _time_pass(self, n: int, length: int) -> float:
         ids = [[101] + [1000] * (length - 2) + [102]] * n
