@@ -1,0 +1,419 @@
+"""One command runs the whole comparison: every server configuration under Locust, two ceilings, a report.
+
+    python bench.py                          # CPU sweep, about 10 min on 2 cores -> results/<date>-cpu/
+    python bench.py --quick                  # smoke test, under 2 min (CI)
+    python bench.py --gpu --out results/h100 # user counts that saturate a GPU, Locust --processes 4
+    python bench.py --peers                  # + LitServe rows (pip install -r requirements-peers.txt)
+    python bench.py --corpus data/short.txt --out results/cpu-short
+    python bench.py --only batched,naive-threadpool --users 8,32 --duration 15
+    MODEL_ID=stand-in DTYPE=int8 python bench.py   # server settings come from the environment
+                                                   # (API_KEYS, RATE_LIMIT and REDIS_URL are left out)
+
+For each configuration it starts `uvicorn <module>:app` on a free port with that configuration's
+environment, waits for GET /ready, and for each user count warms up (unrecorded Locust load), runs
+`locust --headless --csv` and reads the batch-size and padding counters from /metrics before and after.
+Two references are measured in the same run: the model limit (tokenize + forward in-process, no
+HTTP, in a subprocess before any server starts) and the HTTP ceiling (`bench:ceiling_app`, a
+no-model endpoint on the same FastAPI + uvicorn stack). `report.py` turns summary.csv into
+summary.md and the plots. A server that does not get ready is reported with its log tail and skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from references import create_ceiling_app, environment, measure_model_limit
+
+ROOT = Path(__file__).resolve().parent
+SUMMARY_FIELDS = ["configuration", "group", "users", "requests_per_s", "p50_ms", "p95_ms", "p99_ms", "requests",
+                  "failures", "avg_batch_size", "padding_efficiency", "rps_over_model_limit",
+                  "rps_over_http_ceiling", "max_batch_size", "batch_policy", "model_source", "locust_cpu_warning"]
+
+
+@dataclass(frozen=True)
+class Profile:
+    users: tuple[int, ...]
+    duration_s: float
+    warmup_s: float
+    bus_sizes: tuple[int, ...]   # MAX_BATCH_SIZE values besides the default, at bus_users
+    bus_users: int
+    slow_users: tuple[int, ...]  # naive on-demand loads the model per request: few users, short run
+    slow_duration_s: float
+    processes: int               # Locust --processes; 0 = one process
+    limit_batches: tuple[int, ...]
+    limit_s: float               # seconds of model-limit timing per batch size and batch kind
+    configs: tuple[str, ...] | None = None  # None = every configuration
+
+
+PROFILES = {
+    "cpu": Profile((1, 8, 32), 20, 3, (1, 4, 16), 32, (2,), 10, 0, (8, 16, 32, 64), 6.0),
+    "quick": Profile((8,), 5, 2, (), 8, (2,), 5, 0, (16,), 2.0,
+                     configs=("http-ceiling", "naive-threadpool", "batched")),
+    "gpu": Profile((1, 32, 128, 256, 512), 30, 5, (1, 4, 16, 256), 256, (4,), 15, 4,
+                   (32, 64, 128, 256, 512), 3.0),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    group: str  # reference, naive, batched, bus, policy or peer: how report.py groups rows
+    target: str  # uvicorn app, or a script path for a peer
+    users: tuple[int, ...]
+    duration_s: float
+    env: dict[str, str] = field(default_factory=dict)
+    ready_path: str = "/ready"
+
+
+def configurations(p: Profile, peers: bool) -> list[Config]:
+    """Every configuration of a profile, references first so later rows can be compared with them."""
+    top = (max(p.users),)
+    cfgs = [Config("http-ceiling", "reference", "bench:ceiling_app", top, p.duration_s)]
+    for mode in ("threadpool", "blocking"):
+        cfgs.append(Config(f"naive-{mode}", "naive", "naive_server:app", p.users, p.duration_s, {"NAIVE_MODE": mode}))
+    cfgs.append(Config("naive-on-demand", "naive", "naive_server:app", p.slow_users, p.slow_duration_s,
+                       {"NAIVE_MODE": "on-demand"}))
+    cfgs.append(Config("batched", "batched", "batched_server:app", p.users, p.duration_s))
+    cfgs += [Config(f"batched-b{n}", "bus", "batched_server:app", (p.bus_users,), p.duration_s,
+                    {"MAX_BATCH_SIZE": str(n)}) for n in p.bus_sizes]
+    # the classic batcher pads each batch to its longest text: what length grouping is measured against
+    cfgs.append(Config("batched-pad", "policy", "batched_server:app", (p.bus_users,), p.duration_s,
+                       {"BATCH_POLICY": "pad"}))
+    if peers:
+        cfgs.append(Config("litserve", "peer", "peer_litserve.py", p.users, p.duration_s, ready_path="/health"))
+    return [c for c in cfgs if p.configs is None or c.name in p.configs]
+
+
+def __getattr__(name: str) -> Any:
+    # `uvicorn bench:ceiling_app` builds the app on first access, so `import bench` stays cheap
+    if name == "ceiling_app":
+        return create_ceiling_app()
+    raise AttributeError(name)
+
+
+# ------------------------------------------------------------------------------- parsing, summaries
+
+def read_locust_stats(prefix: str | Path) -> dict[str, float]:
+    """The Aggregated row of Locust's `<prefix>_stats.csv` (its last once-a-second snapshot of the run).
+
+    requests_per_s counts successful answers only: Locust's own Requests/s includes failures, and a
+    server answering 503 at once would otherwise look fast. Percentiles are Locust's, over all requests.
+    """
+    with open(f"{prefix}_stats.csv", newline="", encoding="utf-8") as f:
+        row = next((r for r in csv.DictReader(f) if r["Name"] == "Aggregated"), None)
+    requests, failures = (float(row["Request Count"]), float(row["Failure Count"])) if row else (0.0, 0.0)
+    if row is None or requests == 0:
+        return {"requests": requests, "failures": failures}
+    return {"requests": requests, "failures": failures,
+            "requests_per_s": float(row["Requests/s"]) * (requests - failures) / requests,
+            "p50_ms": float(row["50%"]), "p95_ms": float(row["95%"]), "p99_ms": float(row["99%"])}
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text as {sample name: value}, summed over label sets."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[sample.name] = out.get(sample.name, 0.0) + float(sample.value)
+    return out
+
+
+def metrics_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """Average items per forward pass and padding efficiency over the measured run alone."""
+    def d(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+    passes, computed = d("sentimentalyzer_batch_size_count"), d("sentimentalyzer_computed_tokens_total")
+    return {"avg_batch_size": d("sentimentalyzer_batch_size_sum") / passes if passes > 0 else None,
+            "padding_efficiency": d("sentimentalyzer_real_tokens_total") / computed if computed > 0 else None}
+
+
+def summary_row(cfg: Config, users: int, stats: dict[str, float], delta: dict[str, float | None],
+                ready: dict[str, Any], cpu_warning: bool) -> dict[str, Any]:
+    batching = ready.get("batching") or {}
+    return {"configuration": cfg.name, "group": cfg.group, "users": users, **stats, **delta,
+            "max_batch_size": batching.get("max_batch_size"), "batch_policy": batching.get("batch_policy"),
+            "model_source": ready.get("model_source"), "locust_cpu_warning": cpu_warning}
+
+
+def add_ratios(rows: list[dict[str, Any]], model_limit: float | None) -> list[dict[str, Any]]:
+    """requests/s over the model limit and over the best HTTP-ceiling figure of the run."""
+    ceiling = max((r.get("requests_per_s") or 0.0 for r in rows if r["configuration"] == "http-ceiling"),
+                  default=0.0)
+    for r in rows:
+        rps = r.get("requests_per_s") if r["group"] != "reference" else None  # a ceiling over itself says nothing
+        r["rps_over_model_limit"] = rps / model_limit if rps is not None and model_limit else None
+        r["rps_over_http_ceiling"] = rps / ceiling if rps is not None and ceiling else None
+    return rows
+
+
+def write_summary(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, SUMMARY_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _cell(v) for k, v in r.items()})
+
+
+def _cell(v: Any) -> Any:
+    if isinstance(v, float):
+        return int(v) if v.is_integer() else float(f"{v:.6g}")  # counts stay counts; rates keep 6 digits
+    return "" if v is None else v
+
+
+# ------------------------------------------------------------------------------- servers and Locust
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(cfg: Config, port: int, log_path: Path) -> subprocess.Popen:
+    if cfg.group == "peer":
+        cmd = [sys.executable, cfg.target, "--port", str(port)]
+    else:
+        cmd = [sys.executable, "-m", "uvicorn", cfg.target, "--host", "127.0.0.1", "--port", str(port)]
+    # the comparison is of serving paths: keys and rate limits would only turn load into 401s and 429s
+    env = {k: v for k, v in os.environ.items() if k not in ("API_KEYS", "RATE_LIMIT", "REDIS_URL")}
+    with open(log_path, "wb") as log:  # the child keeps its own handle
+        return subprocess.Popen(cmd, cwd=ROOT, env={**env, **cfg.env}, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_ready(url: str, path: str, proc: subprocess.Popen, timeout_s: float) -> dict[str, Any]:
+    """The /ready body once it answers 200; raises if the process dies or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode}")
+        try:
+            r = httpx.get(url + path, timeout=2)
+            if r.status_code == 200:
+                return r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"not ready after {timeout_s:.0f} s")
+
+
+def stop_server(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace_s: float = 20.0) -> None:
+    """Signals the server's whole process group (a peer may run worker processes), then kills what is left."""
+    for signum, wait_s in ((sig, grace_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def scrape(url: str) -> dict[str, float]:
+    try:
+        r = httpx.get(url + "/metrics", timeout=5)
+        return parse_metrics(r.text) if r.status_code == 200 else {}
+    except (httpx.HTTPError, ValueError):
+        return {}
+
+
+def run_locust(url: str, users: int, seconds: float, corpus: str, processes: int, log_path: Path,
+               csv_prefix: Path | None) -> bool:
+    """Runs Locust headless; True when its log has the CPU-usage warning (the load generator was the limit)."""
+    cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "locustfile.py"), "--headless", "-u", str(users),
+           "-r", str(users), "-t", f"{seconds:g}s", "--host", url, "--corpus", corpus, "--only-summary",
+           "--exit-code-on-error", "0", "--stop-timeout", "5"]
+    cmd += ["--csv", str(csv_prefix)] if csv_prefix else []
+    cmd += ["--processes", str(processes)] if processes else []
+    with open(log_path, "wb") as log:
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=seconds + 120).returncode
+    text = log_path.read_text(errors="replace")
+    if rc != 0:
+        raise RuntimeError(f"locust exited with code {rc}:\n{tail(log_path)}")
+    return "CPU usage above" in text
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+# ------------------------------------------------------------------------------------ the whole run
+
+class Progress:
+    """One line per step: elapsed, and the remaining estimate scaled by how the estimates have held up."""
+
+    def __init__(self, planned_s: float) -> None:
+        self.t0, self.planned, self.done_est = time.monotonic(), planned_s, 0.0
+
+    def step(self, estimate_s: float, message: str) -> None:
+        self.done_est += estimate_s
+        elapsed = time.monotonic() - self.t0
+        left = max(0.0, self.planned - self.done_est) * (elapsed / self.done_est if self.done_est else 1.0)
+        print(f"[{fmt_s(elapsed):>6} | ~{fmt_s(left)} left] {message}", flush=True)
+
+
+def fmt_s(s: float) -> str:
+    return f"{int(s // 60)}m{int(s % 60):02d}s" if s >= 60 else f"{s:.0f}s"
+
+
+def start_cost(cfg: Config, gpu: bool) -> float:
+    return 4.0 if cfg.group == "reference" else (25.0 if gpu else 14.0)
+
+
+def point_cost(cfg: Config, p: Profile) -> float:
+    return p.warmup_s + cfg.duration_s + 4.0
+
+
+def bench_config(cfg: Config, p: Profile, a: argparse.Namespace, out: Path, progress: Progress,
+                 servers: dict[str, Any]) -> list[dict[str, Any]]:
+    """Starts one configuration's server, measures each user count, stops it; [] if it never got ready."""
+    port, logs = free_port(), out / "logs"
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(cfg, port, logs / f"{cfg.name}_server.log")
+    rows: list[dict[str, Any]] = []
+    ready: dict[str, Any] | None = None
+    try:
+        ready = wait_ready(url, cfg.ready_path, proc, timeout_s=300 if a.gpu else 180)
+        servers[cfg.name] = ready
+        progress.step(start_cost(cfg, a.gpu), f"{cfg.name}: ready on :{port} (model {ready.get('model_source')})")
+        for users in cfg.users:
+            name = f"{cfg.name}_u{users}"
+            run_locust(url, users, p.warmup_s, a.corpus, p.processes, logs / f"{name}_warmup.log", None)
+            before = scrape(url)
+            warn = run_locust(url, users, cfg.duration_s, a.corpus, p.processes, logs / f"{name}_locust.log",
+                              out / name)
+            row = summary_row(cfg, users, read_locust_stats(out / name), metrics_delta(before, scrape(url)),
+                              ready, warn)
+            rows.append(row)
+            progress.step(point_cost(cfg, p), describe(row))
+    except (RuntimeError, subprocess.TimeoutExpired, OSError) as exc:
+        servers[cfg.name] = {"error": str(exc).splitlines()[0]}
+        print(f"  !! {cfg.name} failed: {exc}\n  -- server log tail --\n{tail(logs / f'{cfg.name}_server.log')}",
+              flush=True)
+        left = (len(cfg.users) - len(rows)) * point_cost(cfg, p)
+        left += 0.0 if ready is not None else start_cost(cfg, a.gpu)
+        progress.step(left, f"{cfg.name}: skipped")
+    finally:
+        # uvicorn drains on SIGTERM; LitServe shuts down on Ctrl+C, that is SIGINT to its group
+        stop_server(proc, signal.SIGINT if cfg.group == "peer" else signal.SIGTERM)
+    return rows
+
+
+def describe(r: dict[str, Any]) -> str:
+    if not r.get("requests"):
+        return f"{r['configuration']} u={r['users']}: no requests completed ({r.get('failures', 0):.0f} failures)"
+    extra = f", batch {r['avg_batch_size']:.1f}" if r.get("avg_batch_size") else ""
+    extra += f", padding eff {r['padding_efficiency']:.2f}" if r.get("padding_efficiency") else ""
+    return (f"{r['configuration']} u={r['users']}: {r['requests_per_s']:.1f} req/s, p50 {r['p50_ms']:.0f} ms, "
+            f"p99 {r['p99_ms']:.0f} ms, {r['failures']:.0f} failures{extra}")
+
+
+def model_limit(a: argparse.Namespace, out: Path) -> dict[str, Any] | None:
+    """Runs measure_model_limit in a subprocess, so its threads and memory are gone before servers start."""
+    path, log = out / "model_limit.json", out / "logs" / "model_limit.log"
+    cmd = [sys.executable, str(ROOT / "bench.py"), "--model-limit-json", str(path), "--corpus", a.corpus,
+           *(["--quick"] if a.quick else ["--gpu"] if a.gpu else [])]
+    with open(log, "wb") as f:
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0 or not path.exists():
+        print(f"  !! model limit failed (exit {rc}):\n{tail(log)}", flush=True)
+        return None
+    return json.loads(path.read_text())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke test, under 2 minutes")
+    ap.add_argument("--gpu", action="store_true", help="GPU profile: more users, Locust --processes")
+    ap.add_argument("--peers", action="store_true", help="add LitServe rows (requirements-peers.txt)")
+    ap.add_argument("--out", help="output folder (default results/<date>-<profile>)")
+    ap.add_argument("--corpus", default="data/reviews.txt", help="one text a line (default %(default)s)")
+    ap.add_argument("--only", help="comma-separated configuration names to run")
+    ap.add_argument("--users", help="comma-separated user counts, instead of the profile's")
+    ap.add_argument("--duration", type=float, help="seconds per measured run, instead of the profile's")
+    ap.add_argument("--model-limit-json", metavar="PATH",
+                    help="only measure the model limit into PATH (what the run does in a subprocess)")
+    a = ap.parse_args(argv)
+    a.profile_name = "quick" if a.quick else "gpu" if a.gpu else "cpu"
+    corpus = Path(a.corpus).resolve()
+    if not corpus.is_file():
+        ap.error(f"--corpus: no such file: {a.corpus}")
+    # subprocesses run in the repository root: name the corpus from there, or absolutely if outside it
+    a.corpus = str(corpus.relative_to(ROOT)) if corpus.is_relative_to(ROOT) else str(corpus)
+    return a
+
+
+def select(a: argparse.Namespace) -> tuple[Profile, list[Config]]:
+    """The profile with the command line's overrides, and the configurations to run."""
+    p = PROFILES[a.profile_name]
+    if a.users:
+        users = tuple(int(u) for u in a.users.split(","))
+        p = replace(p, users=users, bus_users=max(users))
+    if a.duration:
+        p = replace(p, duration_s=a.duration)
+    cfgs = configurations(p, a.peers)
+    if a.only:  # picks from every configuration, whatever the profile runs by default
+        cfgs = configurations(replace(p, configs=None), a.peers)
+        unknown = set(a.only.split(",")) - {c.name for c in cfgs}
+        if unknown:
+            sys.exit(f"bench: unknown configuration {', '.join(sorted(unknown))}; known: "
+                     f"{', '.join(c.name for c in cfgs)}")
+        cfgs = [c for c in cfgs if c.name in a.only.split(",")]
+    if a.peers and importlib.util.find_spec("litserve") is None:
+        print("!! --peers: litserve is not installed (pip install -r requirements-peers.txt); skipping peer rows")
+        cfgs = [c for c in cfgs if c.group != "peer"]
+    return p, cfgs
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.model_limit_json:  # the model-limit subprocess
+        p = PROFILES[a.profile_name]
+        limit = measure_model_limit(a.corpus, p.limit_batches, p.limit_s)
+        Path(a.model_limit_json).write_text(json.dumps(limit, indent=2))
+        return 0
+    p, cfgs = select(a)
+    out = Path(a.out or f"results/{datetime.now():%Y%m%d-%H%M%S}-{a.profile_name}")
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    limit_cost = 12.0 + 2 * len(p.limit_batches) * p.limit_s
+    progress = Progress(limit_cost + sum(start_cost(c, a.gpu) + len(c.users) * point_cost(c, p) for c in cfgs))
+    print(f"bench: {len(cfgs)} configurations, corpus {a.corpus}, out {out}, about {fmt_s(progress.planned)} "
+          "planned", flush=True)
+    load_at_start = os.getloadavg()[0]  # before any of our own work: what else is using the machine
+    limit = model_limit(a, out)
+    progress.step(limit_cost, "model limit: " + (
+        f"{limit['bucketed']['samples_per_s']:.1f} samples/s length-bucketed (batch {limit['bucketed']['batch_size']}"
+        f"), {limit['random']['samples_per_s']:.1f} random-padded (batch {limit['random']['batch_size']})"
+        if limit else "failed, see logs/model_limit.log"))
+    rows: list[dict[str, Any]] = []
+    servers: dict[str, Any] = {}
+    run = {"profile": a.profile_name, "corpus": a.corpus, "profile_settings": asdict(p),
+           "load_average_at_start": load_at_start}
+    for cfg in [None, *cfgs]:  # files are rewritten after each configuration: a stopped run keeps its rows
+        rows += bench_config(cfg, p, a, out, progress, servers) if cfg else []
+        write_summary(out / "summary.csv", add_ratios(rows, limit["bucketed"]["samples_per_s"] if limit else None))
+        (out / "environment.json").write_text(json.dumps(environment(run, limit, servers), indent=2))
+    import report  # matplotlib only now, after every measurement
+    report.main([str(out)])
+    print(f"bench: done in {fmt_s(time.monotonic() - progress.t0)}; see {out}/summary.md", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Locust load for both servers: users post review texts from a corpus and check every answer.
+
+    locust -f locustfile.py --headless -u 32 -r 32 -t 30s --host http://127.0.0.1:8001 --csv results/x
+    locust -f locustfile.py ... --corpus data/short.txt            # another corpus (one text a line)
+    locust -f locustfile.py ... --target-rps-per-user 2            # open loop: 32 users x 2/s = 64 req/s offered
+    locust -f locustfile.py ... --tags batch --batch-texts 16      # POST /predict/batch only
+    locust -f locustfile.py ... --tags predict batch               # both endpoints
+    locust -f locustfile.py ... --api-key KEY                      # a server started with API_KEYS
+
+Closed loop by default: each user sends its next request as soon as the last one is answered
+(`wait_time` 0), so throughput is what the server sustains and latency grows with the queue. With
+`--target-rps-per-user X` each user paces itself with Locust's `constant_throughput(X)`, which holds
+the offered load fixed, the way to read latency at a given request rate (as long as the server keeps up:
+a user can not send faster than its answers arrive).
+
+Tasks are tagged `predict` and `batch`. Locust runs every task when no `--tags`/`--exclude-tags`
+is given; here the `batch` task is left out in that case, so a plain run measures POST /predict
+alone and the batch endpoint runs only when asked for by tag.
+
+Each answer is checked (status 200, label POSITIVE or NEGATIVE, 0 <= score <= 1, one prediction per
+text for /predict/batch); anything else is a Locust failure named by what went wrong.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+from locust import FastHttpUser, events, tag, task
+from locust.env import Environment
+from locust.user.wait_time import constant_throughput
+
+LABELS = frozenset({"POSITIVE", "NEGATIVE"})
+DEFAULT_CORPUS = "data/reviews.txt"
+CORPUS: list[str] = []
+
+
+@events.init_command_line_parser.add_listener
+def _add_arguments(parser: Any) -> None:
+    parser.add_argument("--corpus", default=DEFAULT_CORPUS, env_var="LOCUST_CORPUS",
+                        help="text file, one review a line, that users post (default %(default)s)")
+    parser.add_argument("--target-rps-per-user", type=float, default=0.0, env_var="LOCUST_TARGET_RPS_PER_USER",
+                        help="open loop: requests/s each user offers (constant_throughput); 0 = closed loop")
+    parser.add_argument("--batch-texts", type=int, default=8, env_var="LOCUST_BATCH_TEXTS",
+                        help="texts per POST /predict/batch (task tagged `batch`)")
+    parser.add_argument("--api-key", default="", env_var="LOCUST_API_KEY", is_secret=True,
+                        help="sent as `Authorization: Bearer KEY`, for a server started with API_KEYS")
+
+
+def load_corpus(path: str) -> list[str]:
+    """Non-empty lines of path, looked up from the working directory and then beside this file."""
+    candidates = [Path(path), Path(__file__).parent / path]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        raise SystemExit(f"corpus not found: {path}")
+    texts = [line.strip() for line in found.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise SystemExit(f"corpus is empty: {found}")
+    return texts
+
+
+@events.init.add_listener
+def _on_init(environment: Environment, **_: Any) -> None:
+    options = environment.parsed_options
+    if options is None:  # used as a library, without a command line
+        CORPUS[:] = load_corpus(DEFAULT_CORPUS)
+        return
+    CORPUS[:] = load_corpus(options.corpus)
+    if not options.tags and not options.exclude_tags:
+        # Locust has no "off unless tagged" switch; Environment has already filtered by tags,
+        # so dropping the batch task here is what makes a plain run POST /predict only.
+        for user_class in environment.user_classes:
+            user_class.tasks = [t for t in user_class.tasks if "batch" not in getattr(t, "locust_tag_set", ())]
+
+
+def check_label(item: Any) -> str | None:
+    """Why one {"label", "score"} item breaks the contract, or None if it is fine."""
+    if not isinstance(item, dict):
+        return "prediction is not an object"
+    if item.get("label") not in LABELS:
+        return f"bad label {str(item.get('label'))[:40]!r}"
+    score = item.get("score")
+    if not isinstance(score, (int, float)) or isinstance(score, bool) or not 0.0 <= score <= 1.0:
+        return f"bad score {str(score)[:40]!r}"
+    return None
+
+
+def check_answer(status: int, body: Any, expected_items: int | None) -> str | None:
+    """Why an answer fails validation (a short, stable message for Locust's failure table), or None."""
+    if status != 200:
+        detail = body.get("detail") if isinstance(body, dict) else None
+        return f"HTTP {status}" + (f": {str(detail)[:80]}" if detail else "")
+    if not isinstance(body, dict):
+        return "body is not a JSON object"
+    if expected_items is None:
+        return check_label(body)
+    predictions = body.get("predictions")
+    if not isinstance(predictions, list) or len(predictions) != expected_items:
+        return f"expected {expected_items} predictions"
+    return next((why for why in map(check_label, predictions) if why), None)
+
+
+class SentimentUser(FastHttpUser):
+    """One client of POST /predict (and, tagged `batch`, POST /predict/batch)."""
+
+    def on_start(self) -> None:
+        options = self.environment.parsed_options
+        rate = options.target_rps_per_user if options else 0.0
+        self._pace = constant_throughput(rate) if rate > 0 else None
+        self._headers = {"Authorization": f"Bearer {options.api_key}"} if options and options.api_key else None
+
+    def wait_time(self) -> float:
+        return self._pace(self) if self._pace is not None else 0.0
+
+    @tag("predict")
+    @task
+    def predict(self) -> None:
+        self._post("/predict", {"text": random.choice(CORPUS)}, None)
+
+    @tag("batch")
+    @task
+    def predict_batch(self) -> None:
+        options = self.environment.parsed_options
+        n = max(1, options.batch_texts if options else 8)
+        self._post("/predict/batch", {"texts": random.choices(CORPUS, k=n)}, n)
+
+    def _post(self, path: str, payload: dict[str, Any], expected_items: int | None) -> None:
+        with self.client.post(path, json=payload, headers=self._headers, catch_response=True) as resp:
+            try:
+                body = resp.json()
+            except Exception:  # noqa: BLE001 - any unreadable body is a failure, whatever the parser raised
+                body = None
+            why = check_answer(resp.status_code or 0, body, expected_items)
+            if why:
+                resp.failure(why)
+            else:
+                resp.success()
