@@ -94,6 +94,11 @@ def configurations(p: Profile, peers: bool) -> list[Config]:
     # the classic batcher pads each batch to its longest text: what length grouping is measured against
     cfgs.append(Config("batched-pad", "policy", "batched_server:app", (p.bus_users,), p.duration_s,
                        {"BATCH_POLICY": "pad"}))
+    cfgs.append(Config("batched-tokens", "policy", "batched_server:app", (p.bus_users,), p.duration_s,
+                       {"BATCH_POLICY": "tokens"}))
+    if not p.processes:  # CPU profiles: dynamic int8 quantization is a CPU-only dtype
+        cfgs.append(Config("batched-int8", "policy", "batched_server:app", (p.bus_users,), p.duration_s,
+                           {"DTYPE": "int8", "DEVICE": "cpu"}))
     if peers:
         cfgs.append(Config("litserve", "peer", "peer_litserve.py", p.users, p.duration_s, ready_path="/health"))
     return [c for c in cfgs if p.configs is None or c.name in p.configs]
