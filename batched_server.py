@@ -128,6 +128,8 @@ async def _unless_disconnected(request: Request, work: asyncio.Future[list[Serve
         watcher.cancel()
     if not work.done():
         work.cancel()
+        # a gather cancelled while one child already failed would log "exception never retrieved"
+        work.add_done_callback(lambda f: f.cancelled() or f.exception())
         raise ApiError(499, "client disconnected")
     return work.result()
 

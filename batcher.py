@@ -58,6 +58,7 @@ class _Item(Generic[T, R]):
     enqueued: float  # time.monotonic()
     timer: asyncio.TimerHandle | None = None
     taken: bool = False
+    settled: bool = False  # left the live count already (done callbacks run a loop turn late)
 
 
 @dataclass(slots=True)
@@ -101,6 +102,7 @@ class DynamicBatcher(Generic[T, R]):
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._free_since = 0.0  # monotonic time the last batch finished computing
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -174,9 +176,11 @@ class DynamicBatcher(Generic[T, R]):
             item.future.set_exception(DeadlineExceeded(f"still queued after {self.timeout_s:.3f} s"))
 
     def _settled(self, item: _Item[T, R]) -> None:
-        """Done callback: an item answered before it was taken leaves the live count here."""
-        if item.taken:
+        """An item answered before it was taken leaves the live count here, exactly once: from its
+        done callback, or earlier from `_take` when it meets the item before the callback has run."""
+        if item.taken or item.settled:
             return
+        item.settled = True
         self._live -= 1
         if item.timer is not None:
             item.timer.cancel()
@@ -206,8 +210,9 @@ class DynamicBatcher(Generic[T, R]):
                 return None
             self._arrived.clear()
             await self._arrived.wait()
-        oldest = self._first_live_enqueued()
-        wait_until = oldest + self.max_wait_s
+        # max_wait counts from when the model is free (or from the first arrival, if it was already
+        # free): items that queued during the last pass still get max_wait for companions to arrive.
+        wait_until = max(self._first_live_enqueued(), self._free_since) + self.max_wait_s
         # Only while there is room, still accepting, and the oldest item may wait longer.
         while self._live < self.max_batch_size and self._accepting and time.monotonic() < wait_until:
             self._arrived.clear()
@@ -229,6 +234,7 @@ class DynamicBatcher(Generic[T, R]):
         while self._queue and len(batch) < self.max_batch_size:
             item = self._queue.popleft()
             if item.future.done():  # cancelled or expired while queued: never computed
+                self._settled(item)  # its callback may not have run yet; _live must not count it
                 continue
             item.taken = True
             self._live -= 1
@@ -244,8 +250,14 @@ class DynamicBatcher(Generic[T, R]):
         try:
             outcomes = await loop.run_in_executor(self._executor, _call_isolated, self.fn,
                                                   [it.payload for it in batch])
+        except BaseException as exc:  # the worker itself died (not the batch fn: that is isolated)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(BatcherStopped(f"{self.name} worker died: {exc!r}"))
+            raise
         finally:
             self.stats.busy_since = None
+            self._free_since = time.monotonic()
         compute_s = time.monotonic() - started
         for item, outcome in zip(batch, outcomes):
             if item.future.done():  # the caller went away while we computed
