@@ -37,7 +37,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from references import create_ceiling_app, environment, measure_model_limit
+from references import create_ceiling_app, environment, measure_agreement, measure_model_limit
 
 ROOT = Path(__file__).resolve().parent
 SUMMARY_FIELDS = ["configuration", "group", "users", "requests_per_s", "p50_ms", "p95_ms", "p99_ms", "requests",
@@ -56,16 +56,17 @@ class Profile:
     slow_duration_s: float
     processes: int               # Locust --processes; 0 = one process
     limit_batches: tuple[int, ...]
-    limit_s: float               # seconds of model-limit timing per batch size and batch kind
+    limit_s: float               # least seconds of model-limit timing per batch size and kind (whole corpus passes)
+    wait_ms: tuple[int, ...] = ()  # MAX_WAIT_MS values besides the default, at bus_users
     configs: tuple[str, ...] | None = None  # None = every configuration
 
 
 PROFILES = {
-    "cpu": Profile((1, 8, 32), 20, 3, (1, 4, 16), 32, (2,), 10, 0, (8, 16, 32, 64), 6.0),
+    "cpu": Profile((1, 8, 32), 20, 3, (1, 4, 16), 32, (2,), 10, 0, (8, 16, 32, 64), 6.0, wait_ms=(0, 10)),
     "quick": Profile((8,), 5, 2, (), 8, (2,), 5, 0, (16,), 2.0,
                      configs=("http-ceiling", "naive-threadpool", "batched")),
     "gpu": Profile((1, 32, 128, 256, 512), 30, 5, (1, 4, 16, 256), 256, (4,), 15, 4,
-                   (32, 64, 128, 256, 512), 3.0),
+                   (32, 64, 128, 256, 512), 3.0, wait_ms=(0, 5)),
 }
 
 
@@ -94,6 +95,9 @@ def configurations(p: Profile, peers: bool) -> list[Config]:
     # the classic batcher pads each batch to its longest text: what length grouping is measured against
     cfgs.append(Config("batched-pad", "policy", "batched_server:app", (p.bus_users,), p.duration_s,
                        {"BATCH_POLICY": "pad"}))
+    # MAX_WAIT_MS (spec default 2): how long a free model waits for companions
+    cfgs += [Config(f"batched-w{w}", "policy", "batched_server:app", (p.bus_users,), p.duration_s,
+                    {"MAX_WAIT_MS": str(w)}) for w in p.wait_ms]
     cfgs.append(Config("batched-tokens", "policy", "batched_server:app", (p.bus_users,), p.duration_s,
                        {"BATCH_POLICY": "tokens"}))
     if not p.processes:  # CPU profiles: dynamic int8 quantization is a CPU-only dtype
@@ -391,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.model_limit_json:  # the model-limit subprocess
         p = PROFILES[a.profile_name]
         limit = measure_model_limit(a.corpus, p.limit_batches, p.limit_s)
+        if a.profile_name == "cpu" and limit.get("model_source"):  # the int8 rows' accuracy beside their speed
+            limit["int8_agreement"] = measure_agreement(a.corpus, "int8")
         Path(a.model_limit_json).write_text(json.dumps(limit, indent=2))
         return 0
     p, cfgs = select(a)

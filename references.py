@@ -75,7 +75,8 @@ def length_batches(lengths: list[int], size: int, bucketed: bool, seed: int = 0)
 
 
 def measure_model_limit(corpus: str, batch_sizes: tuple[int, ...], budget_s: float) -> dict[str, Any]:
-    """Samples/s of tokenize + forward, in-process, per batch size, length-bucketed and random-padded."""
+    """Samples/s of tokenize + forward, in-process, per batch size, length-bucketed and random-padded,
+    each over whole passes of the corpus for at least budget_s."""
     import torch
 
     from model import load_engine
@@ -100,10 +101,13 @@ def measure_model_limit(corpus: str, batch_sizes: tuple[int, ...], budget_s: flo
                               **(engine.describe() if hasattr(engine, "describe") else {})}
     for size in batch_sizes:
         for mode in ("bucketed", "random"):
-            batches, done, i, t0 = length_batches(lengths, size, mode == "bucketed"), 0, 0, time.perf_counter()
-            while i == 0 or time.perf_counter() - t0 < budget_s:  # whole batches, cycling if fast
-                run(batches[i % len(batches)])
-                done, i = done + len(batches[i % len(batches)]), i + 1
+            batches, done, t0 = length_batches(lengths, size, mode == "bucketed"), 0, time.perf_counter()
+            # whole passes over the corpus, at least one: a run cut off mid-corpus would weigh
+            # whichever length classes happened to come first
+            while done == 0 or time.perf_counter() - t0 < budget_s:
+                for batch in batches:
+                    run(batch)
+                    done += len(batch)
             result["by_batch_size"].setdefault(str(size), {})[mode] = done / (time.perf_counter() - t0)
     for mode in ("bucketed", "random"):
         best = max(result["by_batch_size"], key=lambda s: result["by_batch_size"][s][mode])
@@ -111,6 +115,26 @@ def measure_model_limit(corpus: str, batch_sizes: tuple[int, ...], budget_s: flo
     result["torch_threads"] = torch.get_num_threads()
     result["gpu_name"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
     return result
+
+
+def measure_agreement(corpus: str, dtype: str) -> dict[str, Any]:
+    """How far `dtype` moves the scores from fp32 on the corpus: P(positive) max and mean abs diff,
+    label agreement, and labels that differ where fp32 was not within 1e-2 of 0.5 (real flips)."""
+    from model import load_engine
+    from settings import Settings
+
+    texts = read_corpus(corpus)
+    base = Settings.from_env().replace(device="cpu")
+    p_pos = {}
+    for name in ("fp32", dtype):
+        engine = load_engine(base.replace(dtype=name))
+        p_pos[name] = [p.score if p.label == engine.labels[-1] else 1.0 - p.score for p in engine.predict(texts)]
+    ref, other = p_pos["fp32"], p_pos[dtype]
+    diffs = [abs(a - b) for a, b in zip(ref, other)]
+    flips = [i for i, (a, b) in enumerate(zip(ref, other)) if (a >= 0.5) != (b >= 0.5)]
+    return {"dtype": dtype, "texts": len(texts), "max_abs_diff": max(diffs), "mean_abs_diff": sum(diffs) / len(diffs),
+            "label_agreement": 1 - len(flips) / len(texts),
+            "flips_outside_1e-2": sum(1 for i in flips if abs(ref[i] - 0.5) >= 1e-2)}
 
 
 # ------------------------------------------------------------------------------------- the machine

@@ -127,6 +127,13 @@ def header(env: dict[str, Any]) -> list[str]:
                      f"{limit['mean_tokens']:.1f} tokens; best of batch sizes {sizes}): {b['samples_per_s']:.1f} "
                      f"samples/s length-bucketed (batch {b['batch_size']}), {r['samples_per_s']:.1f} samples/s "
                      f"random-padded (batch {r['batch_size']})")
+        agree = limit.get("int8_agreement")
+        if agree:
+            lines.append(f"- int8 (dynamic quantization) against fp32 on the corpus's {agree['texts']} texts: P(positive) "
+                         f"max abs diff {agree['max_abs_diff']:.4f}, mean {agree['mean_abs_diff']:.4f}; labels agree on "
+                         f"{agree['label_agreement']:.1%}, {agree['flips_outside_1e-2']} flips where fp32 was not within "
+                         "1e-2 of 0.5" + (" (random stand-in weights: a lower bound, re-check with the real model)"
+                                          if source == "stand-in" else ""))
     else:
         lines.append("- model limit: not measured in this run (see logs/model_limit.log)")
     return lines
