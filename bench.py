@@ -6,6 +6,7 @@
     python bench.py --peers                  # + LitServe rows (pip install -r requirements-peers.txt)
     python bench.py --corpus data/short.txt --out results/cpu-short
     python bench.py --only batched,naive-threadpool --users 8,32 --duration 15
+    python bench.py --ops --only ops --out results/cpu-2core-ops   # keys, rate limit, JSON logs: on vs off
     MODEL_ID=stand-in DTYPE=int8 python bench.py   # server settings come from the environment
                                                    # (API_KEYS, RATE_LIMIT and REDIS_URL are left out)
 
@@ -24,6 +25,7 @@ import csv
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -58,6 +60,8 @@ class Profile:
     limit_batches: tuple[int, ...]
     limit_s: float               # least seconds of model-limit timing per batch size and kind (whole corpus passes)
     wait_ms: tuple[int, ...] = ()  # MAX_WAIT_MS values besides the default, at bus_users
+    scale_workers: tuple[int, ...] = ()  # uvicorn --workers N rows (one model replica per process)
+    open_loop_rps: float = 0.0   # > 0: a batched row at this offered rate (open loop), to read its p99
     configs: tuple[str, ...] | None = None  # None = every configuration
 
 
@@ -66,7 +70,8 @@ PROFILES = {
     "quick": Profile((8,), 5, 2, (), 8, (2,), 5, 0, (16,), 2.0,
                      configs=("http-ceiling", "naive-threadpool", "batched")),
     "gpu": Profile((1, 32, 128, 256, 512), 30, 5, (1, 4, 16, 256), 256, (4,), 15, 4,
-                   (32, 64, 128, 256, 512), 3.0, wait_ms=(0, 5)),
+                   (32, 64, 128, 256, 512), 3.0, wait_ms=(0, 5), scale_workers=(2, 4),
+                   open_loop_rps=2000.0),
 }
 
 
@@ -79,9 +84,11 @@ class Config:
     duration_s: float
     env: dict[str, str] = field(default_factory=dict)
     ready_path: str = "/ready"
+    locust_args: tuple[str, ...] = ()
+    workers: int = 1  # uvicorn --workers: one model replica each (metrics through PROMETHEUS_MULTIPROC_DIR)
 
 
-def configurations(p: Profile, peers: bool) -> list[Config]:
+def configurations(p: Profile, peers: bool, ops: bool = False) -> list[Config]:
     """Every configuration of a profile, references first so later rows can be compared with them."""
     top = (max(p.users),)
     cfgs = [Config("http-ceiling", "reference", "bench:ceiling_app", top, p.duration_s)]
@@ -100,12 +107,28 @@ def configurations(p: Profile, peers: bool) -> list[Config]:
                     {"MAX_WAIT_MS": str(w)}) for w in p.wait_ms]
     cfgs.append(Config("batched-tokens", "policy", "batched_server:app", (p.bus_users,), p.duration_s,
                        {"BATCH_POLICY": "tokens"}))
+    # a token budget near where one pass saturates the cores (about 256-512 tokens on 2 CPU cores)
+    cfgs.append(Config("batched-tokens512", "policy", "batched_server:app", (p.bus_users,), p.duration_s,
+                       {"BATCH_POLICY": "tokens", "MAX_BATCH_TOKENS": "512"}))
     if not p.processes:  # CPU profiles: dynamic int8 quantization is a CPU-only dtype
         cfgs.append(Config("batched-int8", "policy", "batched_server:app", (p.bus_users,), p.duration_s,
                            {"DTYPE": "int8", "DEVICE": "cpu"}))
+    if p.open_loop_rps:  # each of the top user count's users paces itself: offered load fixed, whatever the answers
+        per_user = p.open_loop_rps / max(p.users)
+        cfgs.append(Config(f"batched-open{p.open_loop_rps:g}", "policy", "batched_server:app", top, p.duration_s,
+                           locust_args=("--target-rps-per-user", f"{per_user:.6g}")))
+    cfgs += [Config(f"batched-x{n}", "scale", "batched_server:app", top, p.duration_s, workers=n)
+             for n in p.scale_workers]
+    if ops:  # issue 6: every operations feature on, against the same server with them off, twice, alternating
+        on = {"API_KEYS": "bench-key", "RATE_LIMIT": "1000000/s", "LOG_FORMAT": "json",
+              **({"REDIS_URL": os.environ["BENCH_REDIS_URL"]} if os.environ.get("BENCH_REDIS_URL") else {})}
+        for i in (1, 2):
+            cfgs.append(Config(f"batched-ops-off-{i}", "ops", "batched_server:app", (p.bus_users,), p.duration_s))
+            cfgs.append(Config(f"batched-ops-on-{i}", "ops", "batched_server:app", (p.bus_users,), p.duration_s, on,
+                               locust_args=("--api-key", "bench-key")))
     if peers:
         cfgs.append(Config("litserve", "peer", "peer_litserve.py", p.users, p.duration_s, ready_path="/health"))
-    return [c for c in cfgs if p.configs is None or c.name in p.configs]
+    return [c for c in cfgs if p.configs is None or c.name in p.configs or c.group == "ops"]
 
 
 def __getattr__(name: str) -> Any:
@@ -199,6 +222,12 @@ def start_server(cfg: Config, port: int, log_path: Path) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "uvicorn", cfg.target, "--host", "127.0.0.1", "--port", str(port)]
     # the comparison is of serving paths: keys and rate limits would only turn load into 401s and 429s
     env = {k: v for k, v in os.environ.items() if k not in ("API_KEYS", "RATE_LIMIT", "REDIS_URL")}
+    if cfg.workers > 1:  # every worker's counters in one scrape; the directory must start empty
+        prom = log_path.parent / f"prometheus-{cfg.name}"
+        shutil.rmtree(prom, ignore_errors=True)
+        prom.mkdir(parents=True)
+        cmd += ["--workers", str(cfg.workers)]
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
     with open(log_path, "wb") as log:  # the child keeps its own handle
         return subprocess.Popen(cmd, cwd=ROOT, env={**env, **cfg.env}, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -243,13 +272,14 @@ def scrape(url: str) -> dict[str, float]:
 
 
 def run_locust(url: str, users: int, seconds: float, corpus: str, processes: int, log_path: Path,
-               csv_prefix: Path | None) -> bool:
+               csv_prefix: Path | None, extra: tuple[str, ...] = ()) -> bool:
     """Runs Locust headless; True when its log has the CPU-usage warning (the load generator was the limit)."""
     cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "locustfile.py"), "--headless", "-u", str(users),
            "-r", str(users), "-t", f"{seconds:g}s", "--host", url, "--corpus", corpus, "--only-summary",
            "--exit-code-on-error", "0", "--stop-timeout", "5"]
     cmd += ["--csv", str(csv_prefix)] if csv_prefix else []
     cmd += ["--processes", str(processes)] if processes else []
+    cmd += list(extra)
     with open(log_path, "wb") as log:
         rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=seconds + 120).returncode
     text = log_path.read_text(errors="replace")
@@ -303,10 +333,11 @@ def bench_config(cfg: Config, p: Profile, a: argparse.Namespace, out: Path, prog
         progress.step(start_cost(cfg, a.gpu), f"{cfg.name}: ready on :{port} (model {ready.get('model_source')})")
         for users in cfg.users:
             name = f"{cfg.name}_u{users}"
-            run_locust(url, users, p.warmup_s, a.corpus, p.processes, logs / f"{name}_warmup.log", None)
+            run_locust(url, users, p.warmup_s, a.corpus, p.processes, logs / f"{name}_warmup.log", None,
+                       cfg.locust_args)
             before = scrape(url)
             warn = run_locust(url, users, cfg.duration_s, a.corpus, p.processes, logs / f"{name}_locust.log",
-                              out / name)
+                              out / name, cfg.locust_args)
             row = summary_row(cfg, users, read_locust_stats(out / name), metrics_delta(before, scrape(url)),
                               ready, warn)
             rows.append(row)
@@ -351,6 +382,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="smoke test, under 2 minutes")
     ap.add_argument("--gpu", action="store_true", help="GPU profile: more users, Locust --processes")
     ap.add_argument("--peers", action="store_true", help="add LitServe rows (requirements-peers.txt)")
+    ap.add_argument("--ops", action="store_true", help="add batched rows with keys, rate limit and JSON logs on "
+                    "and off, alternating (BENCH_REDIS_URL=redis://... shares the limit through Redis)")
     ap.add_argument("--out", help="output folder (default results/<date>-<profile>)")
     ap.add_argument("--corpus", default="data/reviews.txt", help="one text a line (default %(default)s)")
     ap.add_argument("--only", help="comma-separated configuration names to run")
@@ -376,14 +409,15 @@ def select(a: argparse.Namespace) -> tuple[Profile, list[Config]]:
         p = replace(p, users=users, bus_users=max(users))
     if a.duration:
         p = replace(p, duration_s=a.duration)
-    cfgs = configurations(p, a.peers)
+    cfgs = configurations(p, a.peers, a.ops)
     if a.only:  # picks from every configuration, whatever the profile runs by default
-        cfgs = configurations(replace(p, configs=None), a.peers)
-        unknown = set(a.only.split(",")) - {c.name for c in cfgs}
+        cfgs = configurations(replace(p, configs=None), a.peers, a.ops)
+        only = set(a.only.split(","))  # configuration names or group names (naive, bus, policy, ops...)
+        unknown = only - {c.name for c in cfgs} - {c.group for c in cfgs}
         if unknown:
             sys.exit(f"bench: unknown configuration {', '.join(sorted(unknown))}; known: "
-                     f"{', '.join(c.name for c in cfgs)}")
-        cfgs = [c for c in cfgs if c.name in a.only.split(",")]
+                     f"{', '.join(c.name for c in cfgs)} and the groups {', '.join(sorted({c.group for c in cfgs}))}")
+        cfgs = [c for c in cfgs if c.name in only or c.group in only]
     if a.peers and importlib.util.find_spec("litserve") is None:
         print("!! --peers: litserve is not installed (pip install -r requirements-peers.txt); skipping peer rows")
         cfgs = [c for c in cfgs if c.group != "peer"]

@@ -139,6 +139,20 @@ def header(env: dict[str, Any]) -> list[str]:
     return lines
 
 
+def scaling(rows: list[dict[str, Any]]) -> list[str]:
+    """uvicorn --workers N rows against N x the one-process batched row at the same user count."""
+    out = []
+    for r in (r for r in rows if r["group"] == "scale" and r["requests_per_s"]):
+        one = next((b for b in rows if b["configuration"] == "batched" and b["users"] == r["users"]
+                    and b["requests_per_s"]), None)
+        n = int(r["configuration"].rsplit("x", 1)[1])
+        if one:
+            out.append(f"- {n} processes at {r['users']} users: {r['requests_per_s']:.1f} req/s = "
+                       f"{r['requests_per_s'] / (n * one['requests_per_s']):.2f} x {n} x one process "
+                       f"({one['requests_per_s']:.1f} req/s)")
+    return ["## Several processes (uvicorn --workers N, one model replica each)", "", *out, ""] if out else []
+
+
 def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
     ceiling = [r for r in rows if r["configuration"] == "http-ceiling" and r["requests_per_s"]]
     ceil_line = (f"- HTTP ceiling (no-model endpoint, same FastAPI + uvicorn stack): "
@@ -146,7 +160,7 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
                  "- HTTP ceiling: not measured in this run")
     warned = sorted({f"{r['configuration']} u={r['users']}" for r in rows if r["locust_cpu_warning"]})
     failed = [f"{n}: {s['error']}" for n, s in (env.get("servers") or {}).items() if "error" in s]
-    parts = [*header(env), ceil_line, "", "## Results", "", *table(rows), "",
+    parts = [*header(env), ceil_line, "", "## Results", "", *table(rows), "", *scaling(rows),
              "## Batched versus naive", "", *ratios(rows), "", "## Where batching loses", "",
              *[f"- {line}" for line in losses(rows)], "", "## Caveats", "",
              "- Locust's CSV is a snapshot written once a second: the last second of each run is not in it.",

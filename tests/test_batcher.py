@@ -70,6 +70,26 @@ async def test_items_queued_during_compute_form_the_next_batch() -> None:
     await b.stop()
 
 
+async def test_max_wait_counts_from_when_the_model_is_free() -> None:
+    # "b" has queued for longer than max_wait when the model frees, yet still gets max_wait for
+    # companions: "c", submitted by a's done callback after the consumer's own turn, shares its batch.
+    # Counted from b's arrival instead, b would be taken alone before c existed.
+    gate = threading.Event()
+    stub = StubModel(gate=gate)
+    b = await started(stub, max_batch_size=2, max_wait_s=0.05)
+    first = b.submit_nowait("a")
+    await until(stub.entered.is_set)
+    second = b.submit_nowait("b")
+    await asyncio.sleep(0.2)  # b is now older than max_wait
+    later: list[asyncio.Future] = []
+    first.add_done_callback(lambda _f: later.append(b.submit_nowait("c")))
+    gate.set()
+    assert await first == "aa" and await second == "bb"
+    assert await later[0] == "cc"
+    assert stub.sizes == [1, 2]
+    await b.stop()
+
+
 async def test_max_wait_zero_takes_what_is_queued_at_once() -> None:
     stub = StubModel()
     b = await started(stub, max_batch_size=64, max_wait_s=0)

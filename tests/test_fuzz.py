@@ -32,6 +32,7 @@ from schemathesis.specs.openapi.checks import content_type_conformance, response
 import batched_server
 import naive_server
 from batcher import DeadlineExceeded, DynamicBatcher, QueueFull
+from model import plan_groups
 from settings import Settings
 from tests.conftest import StubModel, serving
 
@@ -143,6 +144,24 @@ def test_batcher_invariants_under_random_schedules(config: dict, ops: list[tuple
     except BaseException as exc:
         exc.add_note(f"schedule: {config=} {ops=}")  # hypothesis 6.170 under pytest 9 prints empty arguments
         raise
+
+
+@settings(max_examples=300, deadline=None)
+@given(lengths=st.lists(st.integers(1, 512), max_size=80), policy=st.sampled_from(("cost", "tokens", "pad")),
+       max_tokens=st.integers(1, 8192),
+       coef=st.tuples(st.floats(0, 0.05), st.floats(0, 1e-3), st.floats(0, 1e-5)))
+def test_length_groups_cover_every_text_once(lengths: list[int], policy: str, max_tokens: int,
+                                             coef: tuple[float, float, float]) -> None:
+    """plan_groups only splits what was taken: every text lands in exactly one pass of this take,
+    so a long text never waits behind short ones for a later batch, whatever the cost model says."""
+    fixed, per_token, per_attn = coef
+    groups = plan_groups(lengths, policy, max_tokens, lambda n, length: fixed + per_token * n * length
+                         + per_attn * n * length * length)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert all(g for g in groups)
+    assert all([lengths[i] for i in g] == sorted(lengths[i] for i in g) for g in groups)
+    if policy == "pad" and lengths:
+        assert len(groups) == 1
 
 
 @pytest.mark.parametrize("max_batch_size, max_wait_s", [(64, 0.0), (1, 0.002)])
