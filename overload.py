@@ -33,15 +33,15 @@ import sys
 import time
 from collections import Counter
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 
+import bench
 from bench import free_port, stop_server, wait_ready
-from references import cpu_info, read_corpus
+from references import cpu_info, git_state, read_corpus, versions
 
 ROOT = Path(__file__).resolve().parent
 ALLOWED = {200, 503, 504}  # the batched server's whole vocabulary under overload
@@ -62,13 +62,9 @@ def ms(v: float | None) -> float | None:
 
 def start_server(module: str, env: dict[str, str], out: Path) -> tuple[subprocess.Popen, str, dict[str, Any]]:
     """`uvicorn module:app` on a free 127.0.0.1 port, ready; its /ready body says what it serves."""
-    port = free_port()
-    # keys and rate limits would only turn the flood into 401s and 429s
-    base = {k: v for k, v in os.environ.items() if k not in ("API_KEYS", "RATE_LIMIT", "REDIS_URL")}
-    with (out / f"{module}.log").open("wb") as log:  # the child keeps its own handle
-        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", f"{module}:app", "--host", "127.0.0.1",
-                                 "--port", str(port)], cwd=ROOT, env={**base, **env}, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    port = free_port()  # bench's launcher leaves API keys and rate limits out: they would turn the flood into 401/429
+    proc = bench.start_server(bench.Config(module, "overload", f"{module}:app", (), 0.0, env), port,
+                              out / f"{module}.log")
     url = f"http://127.0.0.1:{port}"
     try:
         return proc, url, wait_ready(url, "/ready", proc, 180)  # the stand-in is built on first use
@@ -266,13 +262,9 @@ def soak_windows(results: list[tuple], samples: list[dict[str, Any]], seconds: f
 
 
 def environment(args: argparse.Namespace, servers: dict[str, Any]) -> dict[str, Any]:
-    def git(*a: str) -> str | None:
-        r = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
-        return r.stdout.strip() if r.returncode == 0 else None
-    versions = {p: metadata.version(p) for p in ("torch", "transformers", "fastapi", "uvicorn", "httpx", "psutil")}
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-            "args": vars(args), "cpu": cpu_info(), "python": platform.python_version(), "versions": versions,
-            "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
+            "args": vars(args), "cpu": cpu_info(), "python": platform.python_version(),
+            "versions": versions("torch", "transformers", "fastapi", "uvicorn", "httpx", "psutil"), **git_state(),
             "servers": servers}
 
 

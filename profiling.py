@@ -28,9 +28,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import httpx
-
-from bench import free_port, parse_metrics, read_locust_stats, run_locust, scrape, tail
+from bench import free_port, read_locust_stats, run_locust, scrape, wait_ready
 
 ROOT = Path(__file__).resolve().parent
 STARTUP = ("<frozen importlib", "load_engine", "warmup (model.py", "resolve_source", "lifespan (batched_server")
@@ -91,15 +89,7 @@ def profile_server(a: argparse.Namespace, out: Path) -> dict:
         spy = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     server = child_pid(spy.pid)
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except Exception:  # noqa: BLE001 - not listening yet
-                pass
-            time.sleep(0.5)
-        else:
-            raise RuntimeError(f"server not ready:\n{tail(log)}")
+        wait_ready(url, "/ready", spy, 300)  # py-spy exits with the server it runs
         first = scrape(url)
         run_locust(url, a.users, a.warmup, a.corpus, 0, out / "locust_warmup.log", None)
         before, t0 = scrape(url), time.monotonic()

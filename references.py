@@ -154,27 +154,36 @@ def cpu_info() -> dict[str, Any]:
     return info
 
 
+def versions(*packages: str) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for pkg in packages:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def git_state() -> dict[str, Any]:
+    """The commit a result was measured at, and whether the tree had changes."""
+    def git(*args: str) -> str | None:
+        r = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else None
+    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain"))}
+
+
 def environment(run: dict[str, Any], limit: dict[str, Any] | None, servers: dict[str, Any]) -> dict[str, Any]:
     """environment.json: run (profile, corpus, settings) plus device, model, versions, git, date, command."""
     model_ready = next((r for n, r in servers.items() if n.startswith(("batched", "naive")) and "error" not in r), {})
     batched_ready = next((r for n, r in servers.items() if n.startswith("batched") and "error" not in r), {})
 
-    def git(*args: str) -> str | None:
-        r = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
-        return r.stdout.strip() if r.returncode == 0 else None
-    versions = {}
-    for pkg in ("torch", "transformers", "fastapi", "uvicorn", "locust", "litserve"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": shlex.join(["python", *sys.argv]), **run,
             "device": model_ready.get("device"), "gpu_name": (limit or {}).get("gpu_name"),
             "dtype": model_ready.get("dtype"), "model_id": model_ready.get("model_id"),
             "model_source": model_ready.get("model_source"), "batching": batched_ready.get("batching"),
-            "cpu": cpu_info(), "python": platform.python_version(), "versions": versions,
-            "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
+            "cpu": cpu_info(), "python": platform.python_version(),
+            "versions": versions("torch", "transformers", "fastapi", "uvicorn", "locust", "litserve"), **git_state(),
             "env": {k: v for k, v in os.environ.items() if k in ("MODEL_ID", "DEVICE", "DTYPE", "MAX_WAIT_MS",
                                                                    "MAX_BATCH_SIZE", "BATCH_POLICY")},
             "model_limit": limit, "servers": servers}
