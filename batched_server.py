@@ -19,13 +19,13 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request, Response
 
-from api import (ApiError, BatchedPredictResponse, BatchRequest, BatchResponse, Label, PredictRequest, build_app,
+from serving.api import (ApiError, BatchedPredictResponse, BatchRequest, BatchResponse, Label, PredictRequest, build_app,
                  check_texts, require_ready)
 from batcher import (BatcherStopped, BatchInfo, DeadlineExceeded, DynamicBatcher, QueueFull,
                      retry_after_header)
-from model import Engine, PassStats, Prediction, load_engine, resolve_source
-from ops import Observability, configure_logging
-from settings import Settings
+from serving.model import Engine, PassStats, Prediction, load_engine, resolve_source
+from serving.ops import Observability, configure_logging
+from serving.settings import Settings
 
 STALL_S = 120.0  # a batch computing longer than this means the worker is stuck: /ready turns 503
 

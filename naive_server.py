@@ -19,11 +19,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 
-from api import (BatchRequest, BatchResponse, Label, PredictRequest, PredictResponse, build_app, check_texts,
+from serving.api import (BatchRequest, BatchResponse, Label, PredictRequest, PredictResponse, build_app, check_texts,
                  require_ready)
-from model import Engine, PassStats, Prediction, load_engine, resolve_source
-from ops import Observability, configure_logging
-from settings import Settings
+from serving.model import Engine, PassStats, Prediction, load_engine, resolve_source
+from serving.ops import Observability, configure_logging
+from serving.settings import Settings
 
 
 @asynccontextmanager

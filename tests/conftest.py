@@ -15,8 +15,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
 
-from model import standin_tokenizer_dir
-from settings import Settings
+from serving.model import standin_tokenizer_dir
+from serving.settings import Settings
 
 
 @pytest.fixture(scope="session")

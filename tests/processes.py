@@ -1,11 +1,10 @@
-"""Real processes for tests: start, wait until they answer, stop them and everything they spawned.
+"""Real processes for tests, through the harness's one launcher (harness/launch.py), plus nginx.
 
     from tests.processes import Proc, free_port, start_nginx, start_uvicorn
     proc, url = start_uvicorn("replica", tmp_path, "batched_server:app", {"MODEL_ID": model_dir})
     wait_until_ok(proc, f"{url}/ready"); ...; proc.stop()
 
-Everything binds 127.0.0.1 on a free port and runs in its own session, so `stop` also ends uvicorn's
-workers and nginx's. A missing binary skips the test and names the Debian package to install.
+A missing binary skips the test and names the Debian package to install.
 """
 from __future__ import annotations
 
@@ -21,65 +20,30 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness.launch import ROOT, environ, free_port
+from harness.launch import Process as Proc
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["ROOT", "Proc", "eventually", "free_port", "need", "start", "start_nginx", "start_uvicorn",
+           "wait_until_ok"]
 
 
 def need(binary: str, package: str) -> str:
     return shutil.which(binary) or pytest.skip(f"{binary} not installed: apt-get install {package}")
 
 
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen
-    log: Path
-
-    @classmethod
-    def start(cls, name: str, args: list[str], tmp: Path, env: dict[str, str] | None = None) -> Proc:
-        log = tmp / f"{name}.log"
-        with log.open("wb") as out:
-            popen = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        return cls(name, popen, log)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self, timeout_s: float = 20) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
-        try:  # uvicorn's workers and nginx's are in the same session
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.popen.wait(5)
+def start(name: str, args: list[str], tmp: Path, env: dict[str, str] | None = None) -> Proc:
+    return Proc.start(name, args, tmp / f"{name}.log", env)
 
 
 def wait_until_ok(proc: Proc, url: str, limit_s: float = 120) -> None:
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            pytest.fail(f"{proc.name} exited {proc.popen.returncode}:\n{proc.text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"{proc.name} not ready at {url} after {limit_s}s:\n{proc.text()[-3000:]}")
+    """Fails the test (with the log's tail) unless url answers 200 within limit_s."""
+    probe = Proc(proc.name, proc.popen, proc.log, url)
+    try:
+        probe.wait_ready("", limit_s)
+    except RuntimeError as exc:
+        pytest.fail(f"{exc}:\n{proc.text()[-3000:]}")
 
 
 def eventually(condition: Callable[[], bool], limit_s: float = 5) -> bool:
@@ -93,12 +57,11 @@ def eventually(condition: Callable[[], bool], limit_s: float = 5) -> bool:
 
 def start_uvicorn(name: str, tmp: Path, app: str, env: dict[str, str], workers: int = 1) -> tuple[Proc, str]:
     """`uvicorn app` on a free port, with env over os.environ (less any PROMETHEUS_MULTIPROC_DIR)."""
-    port = free_port()
-    environ = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    environ.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env)  # 2 shared cores: one thread each
-    args = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
-            "--workers", str(workers)]
-    return Proc.start(name, args, tmp, environ), f"http://127.0.0.1:{port}"
+    # 2 shared cores: one thread each
+    full = environ({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}, drop=("PROMETHEUS_MULTIPROC_DIR",))
+    proc = Proc.uvicorn(app, tmp / f"{name}.log", full, workers=workers)
+    proc.name = name
+    return proc, proc.url
 
 
 def nginx_config(tmp: Path, listen: int, upstreams: list[str]) -> Path:
@@ -129,6 +92,6 @@ def start_nginx(tmp: Path, upstreams: list[str]) -> tuple[Proc, str]:
     checked = subprocess.run([binary, "-t", "-p", str(tmp), "-e", f"{tmp}/error.log", "-c", str(conf), "-g", main],
                              capture_output=True, text=True, timeout=30)
     assert checked.returncode == 0, checked.stderr
-    proc = Proc.start("nginx", [binary, "-p", str(tmp), "-e", f"{tmp}/error.log", "-c", str(conf), "-g", main], tmp)
+    proc = start("nginx", [binary, "-p", str(tmp), "-e", f"{tmp}/error.log", "-c", str(conf), "-g", main], tmp)
     wait_until_ok(proc, f"http://127.0.0.1:{port}/nginx-health", 20)
     return proc, f"http://127.0.0.1:{port}"

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 import batched_server
-from settings import Settings
+from serving.settings import Settings
 from tests.conftest import serving
 from tests.test_ops import metric_names
 

@@ -32,8 +32,8 @@ from schemathesis.specs.openapi.checks import content_type_conformance, response
 import batched_server
 import naive_server
 from batcher import DeadlineExceeded, DynamicBatcher, QueueFull
-from model import plan_groups
-from settings import Settings
+from serving.model import plan_groups
+from serving.settings import Settings
 from tests.conftest import StubModel, serving
 
 SERVERS = {"batched": batched_server, "naive": naive_server}

@@ -12,8 +12,8 @@ from transformers import AutoTokenizer
 
 import batched_server
 import naive_server
-from model import STAND_IN, resolve_source, standin_tokenizer_dir
-from settings import Settings, SettingsError
+from serving.model import STAND_IN, resolve_source, standin_tokenizer_dir
+from serving.settings import Settings, SettingsError
 from tests.conftest import serving
 
 pytestmark = pytest.mark.anyio

@@ -17,9 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import batched_server
 import naive_server
-from guard import Guard, LocalLimiter
-from ops import forget_dead_workers
-from settings import Settings
+from serving.guard import Guard, LocalLimiter
+from serving.ops import forget_dead_workers
+from serving.settings import Settings
 from tests.conftest import serving
 
 pytestmark = pytest.mark.anyio

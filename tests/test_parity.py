@@ -13,8 +13,8 @@ import pytest
 
 import batched_server
 import naive_server
-from model import load_engine, plan_groups
-from settings import Settings
+from serving.model import load_engine, plan_groups
+from serving.settings import Settings
 from tests.conftest import serving
 
 TEXTS = [

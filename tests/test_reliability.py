@@ -30,7 +30,7 @@ from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import Request
 
-from tests.processes import Proc, free_port, wait_until_ok
+from tests.processes import Proc, free_port, start, wait_until_ok
 
 HANG, RAISE, DIE = "__fault_hang__", "__fault_raise__", "__fault_die__"
 
@@ -127,12 +127,12 @@ def running(model_dir: str, tmp: Path, launcher: str = "uvicorn", workers: int =
     environ = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     environ.update(MODEL_ID=model_dir, MODEL_FALLBACK="0", DEVICE="cpu", OMP_NUM_THREADS="1",
                    **{k: str(v) for k, v in env.items()})
-    proc = Proc.start(f"{launcher}-{port}", _command(launcher, port, workers), tmp, environ)
+    proc = start(f"{launcher}-{port}", _command(launcher, port, workers), tmp, environ)
     try:
         wait_until_ok(proc, f"http://127.0.0.1:{port}/ready")
         yield Server(proc, port)
     finally:
-        proc.stop(timeout_s=5)
+        proc.stop(grace_s=5)
 
 
 async def until(check: Callable[[], Awaitable[object]], limit_s: float = 20.0, every_s: float = 0.02) -> object:

@@ -27,7 +27,7 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry, multiprocess
 
-from tests.processes import Proc, eventually, free_port, need, start_nginx, start_uvicorn, wait_until_ok
+from tests.processes import Proc, eventually, free_port, need, start, start_nginx, start_uvicorn, wait_until_ok
 from tests.test_ops import sample, scrape
 
 KEYS = ("k-metrics", "k-shared", "k-nginx", "k-logs", "k-failover", "k-stub")
@@ -57,7 +57,7 @@ class Cluster:
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     binary = need("redis-server", "redis-server")
     port = free_port()
-    proc = Proc.start("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+    proc = start("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                 "--appendonly", "no"], tmp_path_factory.mktemp("redis"))
     client = redis.Redis(port=port, socket_timeout=1)
     try:

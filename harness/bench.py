@@ -1,21 +1,21 @@
 """One command runs the whole comparison: every server configuration under Locust, two ceilings, a report.
 
-    python bench.py                          # CPU sweep, about 10 min on 2 cores -> results/<date>-cpu/
-    python bench.py --quick                  # smoke test, under 2 min (CI)
-    python bench.py --gpu --out results/h100 # user counts that saturate a GPU, Locust --processes 4
-    python bench.py --peers                  # + LitServe rows (pip install -r requirements-peers.txt)
-    python bench.py --corpus data/short.txt --out results/cpu-short
-    python bench.py --only batched,naive-threadpool --users 8,32 --duration 15
-    python bench.py --ops --only ops --out results/cpu-2core-ops   # keys, rate limit, JSON logs: on vs off
-    MODEL_ID=stand-in DTYPE=int8 python bench.py   # server settings come from the environment
+    python -m harness.bench                          # CPU sweep, about 10 min on 2 cores -> results/<date>-cpu/
+    python -m harness.bench --quick                  # smoke test, under 2 min (CI)
+    python -m harness.bench --gpu --out results/h100 # user counts that saturate a GPU, Locust --processes 4
+    python -m harness.bench --peers                  # + LitServe rows (pip install -r harness/peers/requirements-litserve.txt)
+    python -m harness.bench --corpus data/short.txt --out results/cpu-short
+    python -m harness.bench --only batched,naive-threadpool --users 8,32 --duration 15
+    python -m harness.bench --ops --only ops --out results/cpu-2core-ops   # keys, rate limit, JSON logs: on vs off
+    MODEL_ID=stand-in DTYPE=int8 python -m harness.bench   # server settings come from the environment
                                                    # (API_KEYS, RATE_LIMIT and REDIS_URL are left out)
 
 For each configuration it starts `uvicorn <module>:app` on a free port with that configuration's
 environment, waits for GET /ready, and for each user count warms up (unrecorded Locust load), runs
 `locust --headless --csv` and reads the batch-size and padding counters from /metrics before and after.
 Two references are measured in the same run: the model limit (tokenize + forward in-process, no
-HTTP, in a subprocess before any server starts) and the HTTP ceiling (`bench:ceiling_app`, a
-no-model endpoint on the same FastAPI + uvicorn stack). `report.py` turns summary.csv into
+HTTP, in a subprocess before any server starts) and the HTTP ceiling (`harness.bench:ceiling_app`, a
+no-model endpoint on the same FastAPI + uvicorn stack). `harness/report.py` turns summary.csv into
 summary.md and the plots. A server that does not get ready is reported with its log tail and skipped.
 """
 from __future__ import annotations
@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,9 +38,8 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from references import create_ceiling_app, environment, measure_agreement, measure_model_limit
-
-ROOT = Path(__file__).resolve().parent
+from harness.launch import ROOT, Process, environ, free_port
+from harness.references import create_ceiling_app, environment, measure_agreement, measure_model_limit
 SUMMARY_FIELDS = ["configuration", "group", "users", "requests_per_s", "p50_ms", "p95_ms", "p99_ms", "requests",
                   "failures", "avg_batch_size", "padding_efficiency", "rps_over_model_limit",
                   "rps_over_http_ceiling", "max_batch_size", "batch_policy", "model_source", "locust_cpu_warning"]
@@ -79,7 +77,7 @@ PROFILES = {
 class Config:
     name: str
     group: str  # reference, naive, batched, bus, policy or peer: how report.py groups rows
-    target: str  # uvicorn app, or a script path for a peer
+    target: str  # uvicorn app, or a peer's module (python -m)
     users: tuple[int, ...]
     duration_s: float
     env: dict[str, str] = field(default_factory=dict)
@@ -91,7 +89,7 @@ class Config:
 def configurations(p: Profile, peers: bool, ops: bool = False) -> list[Config]:
     """Every configuration of a profile, references first so later rows can be compared with them."""
     top = (max(p.users),)
-    cfgs = [Config("http-ceiling", "reference", "bench:ceiling_app", top, p.duration_s)]
+    cfgs = [Config("http-ceiling", "reference", "harness.bench:ceiling_app", top, p.duration_s)]
     for mode in ("threadpool", "blocking"):
         cfgs.append(Config(f"naive-{mode}", "naive", "naive_server:app", p.users, p.duration_s, {"NAIVE_MODE": mode}))
     cfgs.append(Config("naive-on-demand", "naive", "naive_server:app", p.slow_users, p.slow_duration_s,
@@ -127,12 +125,12 @@ def configurations(p: Profile, peers: bool, ops: bool = False) -> list[Config]:
             cfgs.append(Config(f"batched-ops-on-{i}", "ops", "batched_server:app", (p.bus_users,), p.duration_s, on,
                                locust_args=("--api-key", "bench-key")))
     if peers:
-        cfgs.append(Config("litserve", "peer", "peer_litserve.py", p.users, p.duration_s, ready_path="/health"))
+        cfgs.append(Config("litserve", "peer", "harness.peers.litserve", p.users, p.duration_s, ready_path="/health"))
     return [c for c in cfgs if p.configs is None or c.name in p.configs or c.group == "ops"]
 
 
 def __getattr__(name: str) -> Any:
-    # `uvicorn bench:ceiling_app` builds the app on first access, so `import bench` stays cheap
+    # `uvicorn harness.bench:ceiling_app` builds the app on first access, so `import harness.bench` stays cheap
     if name == "ceiling_app":
         return create_ceiling_app()
     raise AttributeError(name)
@@ -209,58 +207,20 @@ def _cell(v: Any) -> Any:
 
 # ------------------------------------------------------------------------------- servers and Locust
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(cfg: Config, port: int, log_path: Path) -> subprocess.Popen:
-    if cfg.group == "peer":
-        cmd = [sys.executable, cfg.target, "--port", str(port)]
-    else:
-        cmd = [sys.executable, "-m", "uvicorn", cfg.target, "--host", "127.0.0.1", "--port", str(port)]
+def launch(cfg: Config, log_path: Path) -> Process:
+    """Starts one configuration's server on a free port (not yet ready)."""
     # the comparison is of serving paths: keys and rate limits would only turn load into 401s and 429s
-    env = {k: v for k, v in os.environ.items() if k not in ("API_KEYS", "RATE_LIMIT", "REDIS_URL")}
+    env = environ(cfg.env, drop=("API_KEYS", "RATE_LIMIT", "REDIS_URL"))
+    if cfg.group == "peer":
+        port = free_port()
+        return Process.start(cfg.name, [sys.executable, "-m", cfg.target, "--port", str(port)], log_path, env,
+                             f"http://127.0.0.1:{port}")
     if cfg.workers > 1:  # every worker's counters in one scrape; the directory must start empty
         prom = log_path.parent / f"prometheus-{cfg.name}"
         shutil.rmtree(prom, ignore_errors=True)
         prom.mkdir(parents=True)
-        cmd += ["--workers", str(cfg.workers)]
         env["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
-    with open(log_path, "wb") as log:  # the child keeps its own handle
-        return subprocess.Popen(cmd, cwd=ROOT, env={**env, **cfg.env}, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_ready(url: str, path: str, proc: subprocess.Popen, timeout_s: float) -> dict[str, Any]:
-    """The /ready body once it answers 200; raises if the process dies or time runs out."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode}")
-        try:
-            r = httpx.get(url + path, timeout=2)
-            if r.status_code == 200:
-                return r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError(f"not ready after {timeout_s:.0f} s")
-
-
-def stop_server(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace_s: float = 20.0) -> None:
-    """Signals the server's whole process group (a peer may run worker processes), then kills what is left."""
-    for signum, wait_s in ((sig, grace_s), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, signum)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    return Process.uvicorn(cfg.target, log_path, env, workers=cfg.workers)
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -322,15 +282,15 @@ def point_cost(cfg: Config, p: Profile) -> float:
 def bench_config(cfg: Config, p: Profile, a: argparse.Namespace, out: Path, progress: Progress,
                  servers: dict[str, Any]) -> list[dict[str, Any]]:
     """Starts one configuration's server, measures each user count, stops it; [] if it never got ready."""
-    port, logs = free_port(), out / "logs"
-    url = f"http://127.0.0.1:{port}"
-    proc = start_server(cfg, port, logs / f"{cfg.name}_server.log")
+    logs = out / "logs"
+    proc = launch(cfg, logs / f"{cfg.name}_server.log")
+    url = proc.url
     rows: list[dict[str, Any]] = []
     ready: dict[str, Any] | None = None
     try:
-        ready = wait_ready(url, cfg.ready_path, proc, timeout_s=300 if a.gpu else 180)
+        ready = proc.wait_ready(cfg.ready_path, timeout_s=300 if a.gpu else 180)
         servers[cfg.name] = ready
-        progress.step(start_cost(cfg, a.gpu), f"{cfg.name}: ready on :{port} (model {ready.get('model_source')})")
+        progress.step(start_cost(cfg, a.gpu), f"{cfg.name}: ready at {url} (model {ready.get('model_source')})")
         for users in cfg.users:
             name = f"{cfg.name}_u{users}"
             run_locust(url, users, p.warmup_s, a.corpus, p.processes, logs / f"{name}_warmup.log", None,
@@ -351,7 +311,10 @@ def bench_config(cfg: Config, p: Profile, a: argparse.Namespace, out: Path, prog
         progress.step(left, f"{cfg.name}: skipped")
     finally:
         # uvicorn drains on SIGTERM; LitServe shuts down on Ctrl+C, that is SIGINT to its group
-        stop_server(proc, signal.SIGINT if cfg.group == "peer" else signal.SIGTERM)
+        if cfg.group == "peer":
+            proc.stop(signal.SIGINT, group=True)
+        else:
+            proc.stop()
     return rows
 
 
@@ -367,7 +330,7 @@ def describe(r: dict[str, Any]) -> str:
 def model_limit(a: argparse.Namespace, out: Path) -> dict[str, Any] | None:
     """Runs measure_model_limit in a subprocess, so its threads and memory are gone before servers start."""
     path, log = out / "model_limit.json", out / "logs" / "model_limit.log"
-    cmd = [sys.executable, str(ROOT / "bench.py"), "--model-limit-json", str(path), "--corpus", a.corpus,
+    cmd = [sys.executable, "-m", "harness.bench", "--model-limit-json", str(path), "--corpus", a.corpus,
            *(["--quick"] if a.quick else ["--gpu"] if a.gpu else [])]
     with open(log, "wb") as f:
         rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
@@ -381,7 +344,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke test, under 2 minutes")
     ap.add_argument("--gpu", action="store_true", help="GPU profile: more users, Locust --processes")
-    ap.add_argument("--peers", action="store_true", help="add LitServe rows (requirements-peers.txt)")
+    ap.add_argument("--peers", action="store_true", help="add peer rows (harness/peers/)")
     ap.add_argument("--ops", action="store_true", help="add batched rows with keys, rate limit and JSON logs on "
                     "and off, alternating (BENCH_REDIS_URL=redis://... shares the limit through Redis)")
     ap.add_argument("--out", help="output folder (default results/<date>-<profile>)")
@@ -419,7 +382,7 @@ def select(a: argparse.Namespace) -> tuple[Profile, list[Config]]:
                      f"{', '.join(c.name for c in cfgs)} and the groups {', '.join(sorted({c.group for c in cfgs}))}")
         cfgs = [c for c in cfgs if c.name in only or c.group in only]
     if a.peers and importlib.util.find_spec("litserve") is None:
-        print("!! --peers: litserve is not installed (pip install -r requirements-peers.txt); skipping peer rows")
+        print("!! --peers: litserve is not installed (pip install -r harness/peers/requirements-litserve.txt); skipping peer rows")
         cfgs = [c for c in cfgs if c.group != "peer"]
     return p, cfgs
 
@@ -454,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_config(cfg, p, a, out, progress, servers) if cfg else []
         write_summary(out / "summary.csv", add_ratios(rows, limit["bucketed"]["samples_per_s"] if limit else None))
         (out / "environment.json").write_text(json.dumps(environment(run, limit, servers), indent=2))
-    import report  # matplotlib only now, after every measurement
+    from harness import report  # matplotlib only now, after every measurement
     report.main([str(out)])
     print(f"bench: done in {fmt_s(time.monotonic() - progress.t0)}; see {out}/summary.md", flush=True)
     return 0

@@ -1,8 +1,8 @@
 """Where the time goes: py-spy on the batched server under Locust, the torch profiler on its batch function.
 
-    python profiling.py --out results/cpu-2core/profile                    # 32 users, mixed corpus, ~2 min
-    python profiling.py --corpus data/short.txt --out results/cpu-2core-short/profile
-    MODEL_ID=stand-in MAX_WAIT_MS=10 python profiling.py --seconds 60 --out /tmp/p   # settings from the env
+    python -m harness.profiling --out results/cpu-2core/profile                    # 32 users, mixed corpus, ~2 min
+    python -m harness.profiling --corpus data/short.txt --out results/cpu-2core-short/profile
+    MODEL_ID=stand-in MAX_WAIT_MS=10 python -m harness.profiling --seconds 60 --out /tmp/p   # settings from the env
 
 Runs `py-spy record -- python -m uvicorn batched_server:app` (py-spy samples every Python thread of
 the server: the event loop and the worker thread that owns the model), waits for /ready, drives it
@@ -22,15 +22,15 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-from bench import free_port, read_locust_stats, run_locust, scrape, wait_ready
+import psutil
 
-ROOT = Path(__file__).resolve().parent
+from harness.bench import read_locust_stats, run_locust, scrape
+from harness.launch import Process, free_port
 STARTUP = ("<frozen importlib", "load_engine", "warmup (model.py", "resolve_source", "lifespan (batched_server")
 # (stage, substrings of a frame): a sample belongs to the stage of its innermost frame that matches one,
 # so the middleware every request passes through counts only for its own code
@@ -68,12 +68,12 @@ def read_pyspy(path: Path) -> Counter[str]:
 
 
 def child_pid(pid: int, timeout_s: float = 30.0) -> int:
+    """The server py-spy started (its first child)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for task in Path(f"/proc/{pid}/task").glob("*"):
-            kids = (task / "children").read_text().split() if (task / "children").exists() else []
-            if kids:
-                return int(kids[0])
+        kids = psutil.Process(pid).children()
+        if kids:
+            return kids[0].pid
         time.sleep(0.1)
     raise RuntimeError("py-spy did not start the server")
 
@@ -84,12 +84,10 @@ def profile_server(a: argparse.Namespace, out: Path) -> dict:
     cmd = [str(Path(sys.executable).with_name("py-spy")), "record", "--rate", str(rate), "--format", "raw",
            "--threads", "--nonblocking", "-o", str(out / "pyspy.txt"), "--", sys.executable, "-m", "uvicorn",
            "batched_server:app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    log = out / "server.log"
-    with open(log, "wb") as f:
-        spy = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    server = child_pid(spy.pid)
+    spy = Process.start("py-spy", cmd, out / "server.log", url=url)
+    server = child_pid(spy.popen.pid)
     try:
-        wait_ready(url, "/ready", spy, 300)  # py-spy exits with the server it runs
+        spy.wait_ready(timeout_s=300)  # py-spy exits with the server it runs
         first = scrape(url)
         run_locust(url, a.users, a.warmup, a.corpus, 0, out / "locust_warmup.log", None)
         before, t0 = scrape(url), time.monotonic()
@@ -97,7 +95,7 @@ def profile_server(a: argparse.Namespace, out: Path) -> dict:
         after, wall = scrape(url), time.monotonic() - t0
     finally:
         os.kill(server, signal.SIGTERM)
-        spy.wait(timeout=60)
+        spy.popen.wait(timeout=60)
     return {"first": first, "before": before, "after": after, "wall_s": wall, "rate_hz": rate,
             "client": read_locust_stats(out / "locust")}
 
@@ -107,9 +105,9 @@ def profile_batch(corpus: str, n: int, out: Path) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from model import load_engine
-    from references import read_corpus
-    from settings import Settings
+    from serving.model import load_engine
+    from harness.references import read_corpus
+    from serving.settings import Settings
 
     engine = load_engine(Settings.from_env())
     engine.warmup()

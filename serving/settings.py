@@ -1,6 +1,6 @@
 """Settings for both servers, read from the environment (names and defaults: ../shared/SPEC.md).
 
-    from settings import Settings
+    from serving.settings import Settings
     s = Settings.from_env()                  # os.environ, validated
     s = Settings(max_batch_size=8)           # tests build their own
 

@@ -1,6 +1,6 @@
 """The model both servers share: loading (hub, local directory or the stand-in) and prediction.
 
-    from model import load_engine
+    from serving.model import load_engine
     engine = load_engine(Settings.from_env())
     engine.predict(["I loved it", "dull and far too long"])   # -> [Prediction(label=..., score=...), ...]
 
@@ -28,7 +28,7 @@ from transformers.utils import logging as hf_logging
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DistilBertConfig,
                           DistilBertForSequenceClassification, PreTrainedModel)
 
-from settings import Settings
+from serving.settings import Settings
 
 log = logging.getLogger("sentimentalyzer.model")
 STAND_IN = "stand-in"

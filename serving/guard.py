@@ -34,8 +34,8 @@ from redis.exceptions import RedisError
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ops import Observability
-from settings import Settings
+from serving.ops import Observability
+from serving.settings import Settings
 
 log = logging.getLogger("sentimentalyzer.guard")
 EXEMPT_PATHS = frozenset({"/health", "/ready"})

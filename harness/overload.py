@@ -1,9 +1,9 @@
 """Flood and soak runs for the reliability figures (issue 5): push a server past capacity and watch it.
 
-    python overload.py --out results/overload                 # batched, then naive: 8x capacity for 60 s
-    python overload.py --seconds 15 --out results/_scratch/overload          # a short check
-    python overload.py --soak --seconds 600 --load 0.7 --out results/soak    # 70 % of capacity, 10 min
-    MODEL_ID=stand-in python overload.py --only batched --factor 4           # settings come from the env
+    python -m harness.overload --out results/overload                 # batched, then naive: 8x capacity for 60 s
+    python -m harness.overload --seconds 15 --out results/_scratch/overload          # a short check
+    python -m harness.overload --soak --seconds 600 --load 0.7 --out results/soak    # 70 % of capacity, 10 min
+    MODEL_ID=stand-in python -m harness.overload --only batched --factor 4           # settings come from the env
 
 Each server is `uvicorn <module>:app` on 127.0.0.1 (a free port) with the environment's settings, plus
 MAX_QUEUE=64 and REQUEST_TIMEOUT_MS=2000 for the flood (server defaults for the soak). First the
@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -39,11 +38,9 @@ from typing import Any
 import httpx
 import psutil
 
-import bench
-from bench import free_port, stop_server, wait_ready
-from references import cpu_info, git_state, read_corpus, versions
+from harness.launch import ROOT, Process, environ
+from harness.references import cpu_info, git_state, read_corpus, versions
 
-ROOT = Path(__file__).resolve().parent
 ALLOWED = {200, 503, 504}  # the batched server's whole vocabulary under overload
 
 
@@ -60,17 +57,16 @@ def ms(v: float | None) -> float | None:
 
 # ------------------------------------------------------------------------------------------- servers
 
-def start_server(module: str, env: dict[str, str], out: Path) -> tuple[subprocess.Popen, str, dict[str, Any]]:
+def start_server(module: str, env: dict[str, str], out: Path) -> tuple[Process, dict[str, Any]]:
     """`uvicorn module:app` on a free 127.0.0.1 port, ready; its /ready body says what it serves."""
-    port = free_port()  # bench's launcher leaves API keys and rate limits out: they would turn the flood into 401/429
-    proc = bench.start_server(bench.Config(module, "overload", f"{module}:app", (), 0.0, env), port,
-                              out / f"{module}.log")
-    url = f"http://127.0.0.1:{port}"
+    # keys and rate limits would turn the flood into 401s and 429s
+    proc = Process.uvicorn(f"{module}:app", out / f"{module}.log",
+                           environ(env, drop=("API_KEYS", "RATE_LIMIT", "REDIS_URL")))
     try:
-        return proc, url, wait_ready(url, "/ready", proc, 180)  # the stand-in is built on first use
+        return proc, proc.wait_ready(timeout_s=180)  # the stand-in is built on first use
     except RuntimeError as exc:
-        stop_server(proc)
-        raise SystemExit(f"{module}: {exc}; see {out / f'{module}.log'}") from None
+        proc.stop()
+        raise SystemExit(f"{module}: {exc}; see {proc.log}") from None
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -293,7 +289,8 @@ async def flood(url: str, pid: int, has_queue: bool, texts: list[bytes], rate: f
 
 async def one_server(module: str, env: dict[str, str], texts: list[bytes], a: argparse.Namespace,
                      out: Path, rate: float | None) -> dict[str, Any]:
-    proc, url, ready = start_server(module, env, out)
+    proc, ready = start_server(module, env, out)
+    url = proc.url
     try:
         clients = int(env.get("MAX_BATCH_SIZE", os.environ.get("MAX_BATCH_SIZE", "64")))
         port = int(url.rsplit(":", 1)[1])
@@ -301,11 +298,11 @@ async def one_server(module: str, env: dict[str, str], texts: list[bytes], a: ar
         capacity = a.capacity or await closed_loop(port, texts, clients, a.capacity_seconds)
         target = rate if rate is not None else capacity * (a.load if a.soak else a.factor)
         print(f"{module}: capacity {capacity:.1f}/s, offering {target:.1f}/s for {a.seconds:.0f} s", flush=True)
-        result = await flood(url, proc.pid, "queue_depth" in ready, texts, target, a)
+        result = await flood(url, proc.popen.pid, "queue_depth" in ready, texts, target, a)
         return {"ready": ready, "settings": env, "capacity_per_s": round(capacity, 1),
                 "target_per_s": round(target, 1), **result}
     finally:
-        stop_server(proc)
+        proc.stop()
 
 
 def verdicts(r: dict[str, Any], soak: bool, timeout_ms: float | None) -> dict[str, bool]:

@@ -1,6 +1,6 @@
 """The HTTP contract both servers share (../shared/SPEC.md): schemas, errors, limits and common routes.
 
-    from api import build_app
+    from serving.api import build_app
     app = build_app("naive", lifespan, settings)   # /health /ready /metrics + error handling
     app.post("/predict")(...)                      # each server adds its own prediction routes
 
@@ -23,9 +23,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-import guard
-from ops import Observability, RequestContext, configure_logging
-from settings import Settings
+from serving import guard
+from serving.ops import Observability, RequestContext, configure_logging
+from serving.settings import Settings
 
 log = logging.getLogger("sentimentalyzer.api")
 MAX_BODY_BYTES = 1 << 20

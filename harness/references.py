@@ -1,7 +1,7 @@
 """What every figure of a bench run is measured against: the HTTP ceiling, the model limit, the machine.
 
-    uvicorn references:ceiling_app --port 8009     # the no-model endpoint (bench.py runs bench:ceiling_app)
-    python bench.py --quick --model-limit-json /tmp/limit.json   # the model limit alone
+    uvicorn harness.bench:ceiling_app --port 8009               # the no-model endpoint
+    python -m harness.bench --quick --model-limit-json /tmp/limit.json   # the model limit alone
 
 The HTTP ceiling is POST /predict on the servers' own FastAPI stack (middleware, validation, response
 model) with a constant answer: what one uvicorn process serves when the model costs nothing. The
@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def read_corpus(path: str) -> list[str]:
@@ -38,8 +38,8 @@ def create_ceiling_app() -> Any:
 
     from fastapi import FastAPI, Request
 
-    from api import PredictRequest, PredictResponse, build_app, check_texts, require_ready
-    from settings import Settings
+    from serving.api import PredictRequest, PredictResponse, build_app, check_texts, require_ready
+    from serving.settings import Settings
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202 - FastAPI's lifespan protocol
@@ -79,8 +79,8 @@ def measure_model_limit(corpus: str, batch_sizes: tuple[int, ...], budget_s: flo
     each over whole passes of the corpus for at least budget_s."""
     import torch
 
-    from model import load_engine
-    from settings import Settings
+    from serving.model import load_engine
+    from serving.settings import Settings
 
     engine = load_engine(Settings.from_env())  # plain tokenizer + model below: no server code on the path
     unique = read_corpus(corpus)
@@ -98,7 +98,7 @@ def measure_model_limit(corpus: str, batch_sizes: tuple[int, ...], budget_s: flo
     run(list(range(min(8, len(texts)))))  # first call allocates and picks kernels
     result: dict[str, Any] = {"texts": len(unique), "mean_tokens": sum(lengths) / len(lengths),
                               "budget_s": budget_s, "by_batch_size": {},
-                              **(engine.describe() if hasattr(engine, "describe") else {})}
+                              **engine.describe()}
     for size in batch_sizes:
         for mode in ("bucketed", "random"):
             batches, done, t0 = length_batches(lengths, size, mode == "bucketed"), 0, time.perf_counter()
@@ -120,8 +120,8 @@ def measure_model_limit(corpus: str, batch_sizes: tuple[int, ...], budget_s: flo
 def measure_agreement(corpus: str, dtype: str) -> dict[str, Any]:
     """How far `dtype` moves the scores from fp32 on the corpus: P(positive) max and mean abs diff,
     label agreement, and labels that differ where fp32 was not within 1e-2 of 0.5 (real flips)."""
-    from model import load_engine
-    from settings import Settings
+    from serving.model import load_engine
+    from serving.settings import Settings
 
     texts = read_corpus(corpus)
     base = Settings.from_env().replace(device="cpu")
@@ -187,10 +187,3 @@ def environment(run: dict[str, Any], limit: dict[str, Any] | None, servers: dict
             "env": {k: v for k, v in os.environ.items() if k in ("MODEL_ID", "DEVICE", "DTYPE", "MAX_WAIT_MS",
                                                                    "MAX_BATCH_SIZE", "BATCH_POLICY")},
             "model_limit": limit, "servers": servers}
-
-
-def __getattr__(name: str) -> Any:
-    # `uvicorn references:ceiling_app` builds the app on first access, so importing this module stays cheap
-    if name == "ceiling_app":
-        return create_ceiling_app()
-    raise AttributeError(name)

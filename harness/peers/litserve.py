@@ -1,7 +1,7 @@
-"""LitServe serving the same model: the peer row of `bench.py --peers`, a reference, not part of the product.
+"""LitServe serving the same model: a peer row of `python -m harness.bench --peers`, not part of the product.
 
-    pip install -r requirements-peers.txt
-    python peer_litserve.py --port 8002     # POST /predict {"text": ...} -> {"label", "score"}; GET /health
+    pip install -r harness/peers/requirements-litserve.txt
+    python -m harness.peers.litserve --port 8002     # POST /predict {"text": ...} -> {"label", "score"}; GET /health
 
 Same model, device and dtype as the servers (model.load_engine reads the same environment variables),
 LitServe's own dynamic batching at max batch 64 and 10 ms, and the batch function a LitServe user
@@ -16,8 +16,8 @@ from typing import Any
 import litserve as ls
 import torch
 
-from model import load_engine
-from settings import Settings
+from serving.model import load_engine
+from serving.settings import Settings
 
 MAX_BATCH_SIZE = 64
 BATCH_TIMEOUT_S = 0.010
