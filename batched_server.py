@@ -9,6 +9,7 @@ and pads each group only to its own longest text, never to 512. Answers carry `b
 the headers `X-Batch-Size` and `Server-Timing` (queue, tokenize, infer). On SIGTERM uvicorn stops
 accepting, in-flight requests finish, then the lifespan drains whatever is still queued.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -19,10 +20,18 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request, Response
 
-from serving.api import (ApiError, BatchedPredictResponse, BatchRequest, BatchResponse, Label, PredictRequest, build_app,
-                 check_texts, require_ready)
-from batcher import (BatcherStopped, BatchInfo, DeadlineExceeded, DynamicBatcher, QueueFull,
-                     retry_after_header)
+from batcher import BatcherStopped, BatchInfo, DeadlineExceeded, DynamicBatcher, QueueFull, retry_after_header
+from serving.api import (
+    ApiError,
+    BatchedPredictResponse,
+    BatchRequest,
+    BatchResponse,
+    Label,
+    PredictRequest,
+    build_app,
+    check_texts,
+    require_ready,
+)
 from serving.model import Engine, PassStats, Prediction, load_engine, resolve_source
 from serving.ops import Observability, configure_logging
 from serving.settings import Settings
@@ -44,6 +53,7 @@ class Served:
 
 def make_batch_fn(engine: Engine, obs: Observability):
     """The function the worker thread runs on each taken batch."""
+
     def on_pass(p: PassStats) -> None:
         obs.batch_size.observe(p.items)
         obs.real_tokens.inc(p.real_tokens)
@@ -53,6 +63,7 @@ def make_batch_fn(engine: Engine, obs: Observability):
         started = time.perf_counter()
         preds = engine.predict([j.text for j in jobs], on_pass=on_pass)
         return [Served(p, (started - j.submitted) * 1000) for p, j in zip(preds, jobs)]
+
     return run
 
 
@@ -64,9 +75,15 @@ def make_batcher(settings: Settings, engine: Engine, obs: Observability) -> Dyna
         obs.queue_depth.set(batcher.depth)
 
     batcher: DynamicBatcher[Job, Served] = DynamicBatcher(
-        make_batch_fn(engine, obs), max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_s,
-        max_queue=settings.max_queue, timeout_s=settings.request_timeout_s, on_batch=on_batch,
-        on_drop=lambda reason: obs.dropped.labels(reason).inc(), name="model")
+        make_batch_fn(engine, obs),
+        max_batch_size=settings.max_batch_size,
+        max_wait_s=settings.max_wait_s,
+        max_queue=settings.max_queue,
+        timeout_s=settings.request_timeout_s,
+        on_batch=on_batch,
+        on_drop=lambda reason: obs.dropped.labels(reason).inc(),
+        name="model",
+    )
     return batcher
 
 
@@ -83,10 +100,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.is_ready = lambda: batcher.accepting and batcher.healthy(STALL_S)
     app.state.ready_info = lambda: {
         **engine.describe(),
-        "batching": {"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms,
-                     "max_queue": settings.max_queue, "request_timeout_ms": settings.request_timeout_ms,
-                     "batch_policy": settings.batch_policy, "max_batch_tokens": settings.max_batch_tokens},
-        "queue_depth": batcher.depth}
+        "batching": {
+            "max_batch_size": settings.max_batch_size,
+            "max_wait_ms": settings.max_wait_ms,
+            "max_queue": settings.max_queue,
+            "request_timeout_ms": settings.request_timeout_ms,
+            "batch_policy": settings.batch_policy,
+            "max_batch_tokens": settings.max_batch_tokens,
+        },
+        "queue_depth": batcher.depth,
+    }
     app.state.obs.ready.set(1)
     try:
         yield
@@ -156,16 +179,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         p = served.prediction
         response.headers["X-Batch-Size"] = str(p.batch_size)
         response.headers["Server-Timing"] = _timing(served)
-        return BatchedPredictResponse(label=p.label, score=p.score, batch_size=p.batch_size,
-                                      latency_ms=(time.perf_counter() - started) * 1000)
+        return BatchedPredictResponse(
+            label=p.label, score=p.score, batch_size=p.batch_size, latency_ms=(time.perf_counter() - started) * 1000
+        )
 
     @app.post("/predict/batch")
     async def predict_batch(body: BatchRequest, request: Request) -> BatchResponse:
         started = time.perf_counter()
         check_texts(require_ready(request), body.texts, batch=True)
         served = await _serve(request, body.texts)
-        return BatchResponse(predictions=[Label(label=s.prediction.label, score=s.prediction.score) for s in served],
-                             latency_ms=(time.perf_counter() - started) * 1000)
+        return BatchResponse(
+            predictions=[Label(label=s.prediction.label, score=s.prediction.score) for s in served],
+            latency_ms=(time.perf_counter() - started) * 1000,
+        )
 
     return app
 

@@ -16,6 +16,7 @@ drain rate); answered DeadlineExceeded if still queued after timeout_s, and then
 skipped if its caller cancelled. If a batch raises, it is bisected and retried so only the items
 that fail get the error. No FastAPI, no torch: the server wires the hooks to its metrics.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -64,33 +65,45 @@ class _Item(Generic[T, R]):
 @dataclass(slots=True)
 class BatcherStats:
     """Running totals, read by /metrics and by Retry-After."""
+
     batches: int = 0
     items_computed: int = 0
     items_failed: int = 0
     expired: int = 0
     cancelled: int = 0
     refused: int = 0
-    busy_since: float | None = None           # when the batch in flight started, None if idle
-    items_per_s: float = 0.0                  # moving average of throughput while computing
+    busy_since: float | None = None  # when the batch in flight started, None if idle
+    items_per_s: float = 0.0  # moving average of throughput while computing
     sizes: collections.Counter[int] = field(default_factory=collections.Counter)
 
 
 @dataclass(frozen=True, slots=True)
 class BatchInfo:
     """Passed to on_batch after each batch: what was computed and how long it took."""
+
     size: int
     queue_waits_s: tuple[float, ...]
     compute_s: float
 
 
 class DynamicBatcher(Generic[T, R]):
-    def __init__(self, fn: Callable[[list[T]], list[R]], *, max_batch_size: int = 64,
-                 max_wait_s: float = 0.002, max_queue: int = 2048, timeout_s: float | None = None,
-                 on_batch: Callable[[BatchInfo], None] | None = None,
-                 on_drop: Callable[[str], None] | None = None, name: str = "batcher") -> None:
+    def __init__(
+        self,
+        fn: Callable[[list[T]], list[R]],
+        *,
+        max_batch_size: int = 64,
+        max_wait_s: float = 0.002,
+        max_queue: int = 2048,
+        timeout_s: float | None = None,
+        on_batch: Callable[[BatchInfo], None] | None = None,
+        on_drop: Callable[[str], None] | None = None,
+        name: str = "batcher",
+    ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
-            raise ValueError(f"need max_batch_size >= 1, max_queue >= 1, max_wait_s >= 0; got "
-                             f"{max_batch_size}, {max_queue}, {max_wait_s}")
+            raise ValueError(
+                f"need max_batch_size >= 1, max_queue >= 1, max_wait_s >= 0; got "
+                f"{max_batch_size}, {max_queue}, {max_wait_s}"
+            )
         self.fn, self.max_batch_size, self.max_wait_s = fn, max_batch_size, max_wait_s
         self.max_queue, self.timeout_s, self.name = max_queue, timeout_s, name
         self.on_batch, self.on_drop = on_batch, on_drop
@@ -248,8 +261,7 @@ class DynamicBatcher(Generic[T, R]):
         started = time.monotonic()
         self.stats.busy_since = started
         try:
-            outcomes = await loop.run_in_executor(self._executor, _call_isolated, self.fn,
-                                                  [it.payload for it in batch])
+            outcomes = await loop.run_in_executor(self._executor, _call_isolated, self.fn, [it.payload for it in batch])
         except BaseException as exc:  # the worker itself died (not the batch fn: that is isolated)
             for item in batch:
                 if not item.future.done():
@@ -298,7 +310,7 @@ def _call_isolated(fn: Callable[[list[T]], list[R]], payloads: list[T]) -> list[
         if len(results) != len(payloads):
             raise BatchError(f"batch function returned {len(results)} results for {len(payloads)} inputs")
         return list(results)
-    except Exception as exc:  # noqa: BLE001 - any failure is the callers' to see, not ours
+    except Exception as exc:
         if len(payloads) == 1:
             return [_Failure(exc)]
         mid = len(payloads) // 2

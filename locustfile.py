@@ -20,6 +20,7 @@ alone and the batch endpoint runs only when asked for by tag.
 Each answer is checked (status 200, label POSITIVE or NEGATIVE, 0 <= score <= 1, one prediction per
 text for /predict/batch); anything else is a Locust failure named by what went wrong.
 """
+
 from __future__ import annotations
 
 import random
@@ -37,14 +38,33 @@ CORPUS: list[str] = []
 
 @events.init_command_line_parser.add_listener
 def _add_arguments(parser: Any) -> None:
-    parser.add_argument("--corpus", default=DEFAULT_CORPUS, env_var="LOCUST_CORPUS",
-                        help="text file, one review a line, that users post (default %(default)s)")
-    parser.add_argument("--target-rps-per-user", type=float, default=0.0, env_var="LOCUST_TARGET_RPS_PER_USER",
-                        help="open loop: requests/s each user offers (constant_throughput); 0 = closed loop")
-    parser.add_argument("--batch-texts", type=int, default=8, env_var="LOCUST_BATCH_TEXTS",
-                        help="texts per POST /predict/batch (task tagged `batch`)")
-    parser.add_argument("--api-key", default="", env_var="LOCUST_API_KEY", is_secret=True,
-                        help="sent as `Authorization: Bearer KEY`, for a server started with API_KEYS")
+    parser.add_argument(
+        "--corpus",
+        default=DEFAULT_CORPUS,
+        env_var="LOCUST_CORPUS",
+        help="text file, one review a line, that users post (default %(default)s)",
+    )
+    parser.add_argument(
+        "--target-rps-per-user",
+        type=float,
+        default=0.0,
+        env_var="LOCUST_TARGET_RPS_PER_USER",
+        help="open loop: requests/s each user offers (constant_throughput); 0 = closed loop",
+    )
+    parser.add_argument(
+        "--batch-texts",
+        type=int,
+        default=8,
+        env_var="LOCUST_BATCH_TEXTS",
+        help="texts per POST /predict/batch (task tagged `batch`)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default="",
+        env_var="LOCUST_API_KEY",
+        is_secret=True,
+        help="sent as `Authorization: Bearer KEY`, for a server started with API_KEYS",
+    )
 
 
 def load_corpus(path: str) -> list[str]:
@@ -128,7 +148,7 @@ class SentimentUser(FastHttpUser):
         with self.client.post(path, json=payload, headers=self._headers, catch_response=True) as resp:
             try:
                 body = resp.json()
-            except Exception:  # noqa: BLE001 - any unreadable body is a failure, whatever the parser raised
+            except Exception:
                 body = None
             why = check_answer(resp.status_code or 0, body, expected_items)
             if why:

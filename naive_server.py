@@ -10,6 +10,7 @@ NAIVE_MODE picks how requests reach the model, each a row of the benchmark:
   tutorials make: while one request computes, the server cannot even answer /health;
 - on-demand: loads the model from disk for every request ("load per call").
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -19,8 +20,16 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 
-from serving.api import (BatchRequest, BatchResponse, Label, PredictRequest, PredictResponse, build_app, check_texts,
-                 require_ready)
+from serving.api import (
+    BatchRequest,
+    BatchResponse,
+    Label,
+    PredictRequest,
+    PredictResponse,
+    build_app,
+    check_texts,
+    require_ready,
+)
 from serving.model import Engine, PassStats, Prediction, load_engine, resolve_source
 from serving.ops import Observability, configure_logging
 from serving.settings import Settings
@@ -57,6 +66,7 @@ def _metrics_hook(obs: Observability):
         obs.batch_size.observe(p.items)
         obs.real_tokens.inc(p.real_tokens)
         obs.computed_tokens.inc(p.computed_tokens)
+
     return on_pass
 
 
@@ -65,8 +75,10 @@ def _answer(started: float, pred: Prediction) -> PredictResponse:
 
 
 def _batch_answer(started: float, preds: list[Prediction]) -> BatchResponse:
-    return BatchResponse(predictions=[Label(label=p.label, score=p.score) for p in preds],
-                         latency_ms=(time.perf_counter() - started) * 1000)
+    return BatchResponse(
+        predictions=[Label(label=p.label, score=p.score) for p in preds],
+        latency_ms=(time.perf_counter() - started) * 1000,
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -74,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = build_app("naive", lifespan, settings)
 
     if settings.naive_mode == "blocking":
+
         @app.post("/predict")
         async def predict(body: PredictRequest, request: Request) -> PredictResponse:
             started = time.perf_counter()
@@ -86,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             check_texts(require_ready(request), body.texts, batch=True)
             return _batch_answer(started, _run(request, body.texts))
     else:
+
         @app.post("/predict")
         def predict(body: PredictRequest, request: Request) -> PredictResponse:  # type: ignore[no-redef]
             started = time.perf_counter()

@@ -18,6 +18,7 @@ HTTP, in a subprocess before any server starts) and the HTTP ceiling (`harness.b
 no-model endpoint on the same FastAPI + uvicorn stack). `harness/report.py` turns summary.csv into
 summary.md and the plots. A server that does not get ready is reported with its log tail and skipped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,9 +41,26 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from harness.launch import ROOT, Process, environ, free_port
 from harness.references import create_ceiling_app, environment, measure_agreement, measure_model_limit
-SUMMARY_FIELDS = ["configuration", "group", "users", "requests_per_s", "p50_ms", "p95_ms", "p99_ms", "requests",
-                  "failures", "avg_batch_size", "padding_efficiency", "rps_over_model_limit",
-                  "rps_over_http_ceiling", "max_batch_size", "batch_policy", "model_source", "locust_cpu_warning"]
+
+SUMMARY_FIELDS = [
+    "configuration",
+    "group",
+    "users",
+    "requests_per_s",
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
+    "requests",
+    "failures",
+    "avg_batch_size",
+    "padding_efficiency",
+    "rps_over_model_limit",
+    "rps_over_http_ceiling",
+    "max_batch_size",
+    "batch_policy",
+    "model_source",
+    "locust_cpu_warning",
+]
 
 
 @dataclass(frozen=True)
@@ -50,26 +68,39 @@ class Profile:
     users: tuple[int, ...]
     duration_s: float
     warmup_s: float
-    bus_sizes: tuple[int, ...]   # MAX_BATCH_SIZE values besides the default, at bus_users
+    bus_sizes: tuple[int, ...]  # MAX_BATCH_SIZE values besides the default, at bus_users
     bus_users: int
     slow_users: tuple[int, ...]  # naive on-demand loads the model per request: few users, short run
     slow_duration_s: float
-    processes: int               # Locust --processes; 0 = one process
+    processes: int  # Locust --processes; 0 = one process
     limit_batches: tuple[int, ...]
-    limit_s: float               # least seconds of model-limit timing per batch size and kind (whole corpus passes)
+    limit_s: float  # least seconds of model-limit timing per batch size and kind (whole corpus passes)
     wait_ms: tuple[int, ...] = ()  # MAX_WAIT_MS values besides the default, at bus_users
     scale_workers: tuple[int, ...] = ()  # uvicorn --workers N rows (one model replica per process)
-    open_loop_rps: float = 0.0   # > 0: a batched row at this offered rate (open loop), to read its p99
+    open_loop_rps: float = 0.0  # > 0: a batched row at this offered rate (open loop), to read its p99
     configs: tuple[str, ...] | None = None  # None = every configuration
 
 
 PROFILES = {
     "cpu": Profile((1, 8, 32), 20, 3, (1, 4, 16), 32, (2,), 10, 0, (8, 16, 32, 64), 6.0, wait_ms=(0, 10)),
-    "quick": Profile((8,), 5, 2, (), 8, (2,), 5, 0, (16,), 2.0,
-                     configs=("http-ceiling", "naive-threadpool", "batched")),
-    "gpu": Profile((1, 32, 128, 256, 512), 30, 5, (1, 4, 16, 256), 256, (4,), 15, 4,
-                   (32, 64, 128, 256, 512), 3.0, wait_ms=(0, 5), scale_workers=(2, 4),
-                   open_loop_rps=2000.0),
+    "quick": Profile(
+        (8,), 5, 2, (), 8, (2,), 5, 0, (16,), 2.0, configs=("http-ceiling", "naive-threadpool", "batched")
+    ),
+    "gpu": Profile(
+        (1, 32, 128, 256, 512),
+        30,
+        5,
+        (1, 4, 16, 256),
+        256,
+        (4,),
+        15,
+        4,
+        (32, 64, 128, 256, 512),
+        3.0,
+        wait_ms=(0, 5),
+        scale_workers=(2, 4),
+        open_loop_rps=2000.0,
+    ),
 }
 
 
@@ -92,38 +123,87 @@ def configurations(p: Profile, peers: bool, ops: bool = False) -> list[Config]:
     cfgs = [Config("http-ceiling", "reference", "harness.bench:ceiling_app", top, p.duration_s)]
     for mode in ("threadpool", "blocking"):
         cfgs.append(Config(f"naive-{mode}", "naive", "naive_server:app", p.users, p.duration_s, {"NAIVE_MODE": mode}))
-    cfgs.append(Config("naive-on-demand", "naive", "naive_server:app", p.slow_users, p.slow_duration_s,
-                       {"NAIVE_MODE": "on-demand"}))
+    cfgs.append(
+        Config(
+            "naive-on-demand", "naive", "naive_server:app", p.slow_users, p.slow_duration_s, {"NAIVE_MODE": "on-demand"}
+        )
+    )
     cfgs.append(Config("batched", "batched", "batched_server:app", p.users, p.duration_s))
-    cfgs += [Config(f"batched-b{n}", "bus", "batched_server:app", (p.bus_users,), p.duration_s,
-                    {"MAX_BATCH_SIZE": str(n)}) for n in p.bus_sizes]
+    cfgs += [
+        Config(f"batched-b{n}", "bus", "batched_server:app", (p.bus_users,), p.duration_s, {"MAX_BATCH_SIZE": str(n)})
+        for n in p.bus_sizes
+    ]
     # the classic batcher pads each batch to its longest text: what length grouping is measured against
-    cfgs.append(Config("batched-pad", "policy", "batched_server:app", (p.bus_users,), p.duration_s,
-                       {"BATCH_POLICY": "pad"}))
+    cfgs.append(
+        Config("batched-pad", "policy", "batched_server:app", (p.bus_users,), p.duration_s, {"BATCH_POLICY": "pad"})
+    )
     # MAX_WAIT_MS (spec default 2): how long a free model waits for companions
-    cfgs += [Config(f"batched-w{w}", "policy", "batched_server:app", (p.bus_users,), p.duration_s,
-                    {"MAX_WAIT_MS": str(w)}) for w in p.wait_ms]
-    cfgs.append(Config("batched-tokens", "policy", "batched_server:app", (p.bus_users,), p.duration_s,
-                       {"BATCH_POLICY": "tokens"}))
+    cfgs += [
+        Config(f"batched-w{w}", "policy", "batched_server:app", (p.bus_users,), p.duration_s, {"MAX_WAIT_MS": str(w)})
+        for w in p.wait_ms
+    ]
+    cfgs.append(
+        Config(
+            "batched-tokens", "policy", "batched_server:app", (p.bus_users,), p.duration_s, {"BATCH_POLICY": "tokens"}
+        )
+    )
     # a token budget near where one pass saturates the cores (about 256-512 tokens on 2 CPU cores)
-    cfgs.append(Config("batched-tokens512", "policy", "batched_server:app", (p.bus_users,), p.duration_s,
-                       {"BATCH_POLICY": "tokens", "MAX_BATCH_TOKENS": "512"}))
+    cfgs.append(
+        Config(
+            "batched-tokens512",
+            "policy",
+            "batched_server:app",
+            (p.bus_users,),
+            p.duration_s,
+            {"BATCH_POLICY": "tokens", "MAX_BATCH_TOKENS": "512"},
+        )
+    )
     if not p.processes:  # CPU profiles: dynamic int8 quantization is a CPU-only dtype
-        cfgs.append(Config("batched-int8", "policy", "batched_server:app", (p.bus_users,), p.duration_s,
-                           {"DTYPE": "int8", "DEVICE": "cpu"}))
+        cfgs.append(
+            Config(
+                "batched-int8",
+                "policy",
+                "batched_server:app",
+                (p.bus_users,),
+                p.duration_s,
+                {"DTYPE": "int8", "DEVICE": "cpu"},
+            )
+        )
     if p.open_loop_rps:  # each of the top user count's users paces itself: offered load fixed, whatever the answers
         per_user = p.open_loop_rps / max(p.users)
-        cfgs.append(Config(f"batched-open{p.open_loop_rps:g}", "policy", "batched_server:app", top, p.duration_s,
-                           locust_args=("--target-rps-per-user", f"{per_user:.6g}")))
-    cfgs += [Config(f"batched-x{n}", "scale", "batched_server:app", top, p.duration_s, workers=n)
-             for n in p.scale_workers]
+        cfgs.append(
+            Config(
+                f"batched-open{p.open_loop_rps:g}",
+                "policy",
+                "batched_server:app",
+                top,
+                p.duration_s,
+                locust_args=("--target-rps-per-user", f"{per_user:.6g}"),
+            )
+        )
+    cfgs += [
+        Config(f"batched-x{n}", "scale", "batched_server:app", top, p.duration_s, workers=n) for n in p.scale_workers
+    ]
     if ops:  # issue 6: every operations feature on, against the same server with them off, twice, alternating
-        on = {"API_KEYS": "bench-key", "RATE_LIMIT": "1000000/s", "LOG_FORMAT": "json",
-              **({"REDIS_URL": os.environ["BENCH_REDIS_URL"]} if os.environ.get("BENCH_REDIS_URL") else {})}
+        on = {
+            "API_KEYS": "bench-key",
+            "RATE_LIMIT": "1000000/s",
+            "LOG_FORMAT": "json",
+            **({"REDIS_URL": os.environ["BENCH_REDIS_URL"]} if os.environ.get("BENCH_REDIS_URL") else {}),
+        }
         for i in (1, 2):
             cfgs.append(Config(f"batched-ops-off-{i}", "ops", "batched_server:app", (p.bus_users,), p.duration_s))
-            cfgs.append(Config(f"batched-ops-on-{i}", "ops", "batched_server:app", (p.bus_users,), p.duration_s, on,
-                               locust_args=("--api-key", "bench-key")))
+            cfgs.append(
+                Config(
+                    f"batched-ops-on-{i}",
+                    "ops",
+                    "batched_server:app",
+                    (p.bus_users,),
+                    p.duration_s,
+                    on,
+                    locust_args=("--api-key", "bench-key"),
+                )
+            )
     if peers:
         cfgs.append(Config("litserve", "peer", "harness.peers.litserve", p.users, p.duration_s, ready_path="/health"))
     return [c for c in cfgs if p.configs is None or c.name in p.configs or c.group == "ops"]
@@ -138,6 +218,7 @@ def __getattr__(name: str) -> Any:
 
 # ------------------------------------------------------------------------------- parsing, summaries
 
+
 def read_locust_stats(prefix: str | Path) -> dict[str, float]:
     """The Aggregated row of Locust's `<prefix>_stats.csv` (its last once-a-second snapshot of the run).
 
@@ -149,9 +230,14 @@ def read_locust_stats(prefix: str | Path) -> dict[str, float]:
     requests, failures = (float(row["Request Count"]), float(row["Failure Count"])) if row else (0.0, 0.0)
     if row is None or requests == 0:
         return {"requests": requests, "failures": failures}
-    return {"requests": requests, "failures": failures,
-            "requests_per_s": float(row["Requests/s"]) * (requests - failures) / requests,
-            "p50_ms": float(row["50%"]), "p95_ms": float(row["95%"]), "p99_ms": float(row["99%"])}
+    return {
+        "requests": requests,
+        "failures": failures,
+        "requests_per_s": float(row["Requests/s"]) * (requests - failures) / requests,
+        "p50_ms": float(row["50%"]),
+        "p95_ms": float(row["95%"]),
+        "p99_ms": float(row["99%"]),
+    }
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -165,25 +251,42 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 def metrics_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
     """Average items per forward pass and padding efficiency over the measured run alone."""
+
     def d(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
+
     passes, computed = d("sentimentalyzer_batch_size_count"), d("sentimentalyzer_computed_tokens_total")
-    return {"avg_batch_size": d("sentimentalyzer_batch_size_sum") / passes if passes > 0 else None,
-            "padding_efficiency": d("sentimentalyzer_real_tokens_total") / computed if computed > 0 else None}
+    return {
+        "avg_batch_size": d("sentimentalyzer_batch_size_sum") / passes if passes > 0 else None,
+        "padding_efficiency": d("sentimentalyzer_real_tokens_total") / computed if computed > 0 else None,
+    }
 
 
-def summary_row(cfg: Config, users: int, stats: dict[str, float], delta: dict[str, float | None],
-                ready: dict[str, Any], cpu_warning: bool) -> dict[str, Any]:
+def summary_row(
+    cfg: Config,
+    users: int,
+    stats: dict[str, float],
+    delta: dict[str, float | None],
+    ready: dict[str, Any],
+    cpu_warning: bool,
+) -> dict[str, Any]:
     batching = ready.get("batching") or {}
-    return {"configuration": cfg.name, "group": cfg.group, "users": users, **stats, **delta,
-            "max_batch_size": batching.get("max_batch_size"), "batch_policy": batching.get("batch_policy"),
-            "model_source": ready.get("model_source"), "locust_cpu_warning": cpu_warning}
+    return {
+        "configuration": cfg.name,
+        "group": cfg.group,
+        "users": users,
+        **stats,
+        **delta,
+        "max_batch_size": batching.get("max_batch_size"),
+        "batch_policy": batching.get("batch_policy"),
+        "model_source": ready.get("model_source"),
+        "locust_cpu_warning": cpu_warning,
+    }
 
 
 def add_ratios(rows: list[dict[str, Any]], model_limit: float | None) -> list[dict[str, Any]]:
     """requests/s over the model limit and over the best HTTP-ceiling figure of the run."""
-    ceiling = max((r.get("requests_per_s") or 0.0 for r in rows if r["configuration"] == "http-ceiling"),
-                  default=0.0)
+    ceiling = max((r.get("requests_per_s") or 0.0 for r in rows if r["configuration"] == "http-ceiling"), default=0.0)
     for r in rows:
         rps = r.get("requests_per_s") if r["group"] != "reference" else None  # a ceiling over itself says nothing
         r["rps_over_model_limit"] = rps / model_limit if rps is not None and model_limit else None
@@ -207,14 +310,16 @@ def _cell(v: Any) -> Any:
 
 # ------------------------------------------------------------------------------- servers and Locust
 
+
 def launch(cfg: Config, log_path: Path) -> Process:
     """Starts one configuration's server on a free port (not yet ready)."""
     # the comparison is of serving paths: keys and rate limits would only turn load into 401s and 429s
     env = environ(cfg.env, drop=("API_KEYS", "RATE_LIMIT", "REDIS_URL"))
     if cfg.group == "peer":
         port = free_port()
-        return Process.start(cfg.name, [sys.executable, "-m", cfg.target, "--port", str(port)], log_path, env,
-                             f"http://127.0.0.1:{port}")
+        return Process.start(
+            cfg.name, [sys.executable, "-m", cfg.target, "--port", str(port)], log_path, env, f"http://127.0.0.1:{port}"
+        )
     if cfg.workers > 1:  # every worker's counters in one scrape; the directory must start empty
         prom = log_path.parent / f"prometheus-{cfg.name}"
         shutil.rmtree(prom, ignore_errors=True)
@@ -231,12 +336,40 @@ def scrape(url: str) -> dict[str, float]:
         return {}
 
 
-def run_locust(url: str, users: int, seconds: float, corpus: str, processes: int, log_path: Path,
-               csv_prefix: Path | None, extra: tuple[str, ...] = ()) -> bool:
+def run_locust(
+    url: str,
+    users: int,
+    seconds: float,
+    corpus: str,
+    processes: int,
+    log_path: Path,
+    csv_prefix: Path | None,
+    extra: tuple[str, ...] = (),
+) -> bool:
     """Runs Locust headless; True when its log has the CPU-usage warning (the load generator was the limit)."""
-    cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "locustfile.py"), "--headless", "-u", str(users),
-           "-r", str(users), "-t", f"{seconds:g}s", "--host", url, "--corpus", corpus, "--only-summary",
-           "--exit-code-on-error", "0", "--stop-timeout", "5"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(ROOT / "locustfile.py"),
+        "--headless",
+        "-u",
+        str(users),
+        "-r",
+        str(users),
+        "-t",
+        f"{seconds:g}s",
+        "--host",
+        url,
+        "--corpus",
+        corpus,
+        "--only-summary",
+        "--exit-code-on-error",
+        "0",
+        "--stop-timeout",
+        "5",
+    ]
     cmd += ["--csv", str(csv_prefix)] if csv_prefix else []
     cmd += ["--processes", str(processes)] if processes else []
     cmd += list(extra)
@@ -253,6 +386,7 @@ def tail(path: Path, lines: int = 20) -> str:
 
 
 # ------------------------------------------------------------------------------------ the whole run
+
 
 class Progress:
     """One line per step: elapsed, and the remaining estimate scaled by how the estimates have held up."""
@@ -279,8 +413,9 @@ def point_cost(cfg: Config, p: Profile) -> float:
     return p.warmup_s + cfg.duration_s + 4.0
 
 
-def bench_config(cfg: Config, p: Profile, a: argparse.Namespace, out: Path, progress: Progress,
-                 servers: dict[str, Any]) -> list[dict[str, Any]]:
+def bench_config(
+    cfg: Config, p: Profile, a: argparse.Namespace, out: Path, progress: Progress, servers: dict[str, Any]
+) -> list[dict[str, Any]]:
     """Starts one configuration's server, measures each user count, stops it; [] if it never got ready."""
     logs = out / "logs"
     proc = launch(cfg, logs / f"{cfg.name}_server.log")
@@ -293,19 +428,31 @@ def bench_config(cfg: Config, p: Profile, a: argparse.Namespace, out: Path, prog
         progress.step(start_cost(cfg, a.gpu), f"{cfg.name}: ready at {url} (model {ready.get('model_source')})")
         for users in cfg.users:
             name = f"{cfg.name}_u{users}"
-            run_locust(url, users, p.warmup_s, a.corpus, p.processes, logs / f"{name}_warmup.log", None,
-                       cfg.locust_args)
+            run_locust(
+                url, users, p.warmup_s, a.corpus, p.processes, logs / f"{name}_warmup.log", None, cfg.locust_args
+            )
             before = scrape(url)
-            warn = run_locust(url, users, cfg.duration_s, a.corpus, p.processes, logs / f"{name}_locust.log",
-                              out / name, cfg.locust_args)
-            row = summary_row(cfg, users, read_locust_stats(out / name), metrics_delta(before, scrape(url)),
-                              ready, warn)
+            warn = run_locust(
+                url,
+                users,
+                cfg.duration_s,
+                a.corpus,
+                p.processes,
+                logs / f"{name}_locust.log",
+                out / name,
+                cfg.locust_args,
+            )
+            row = summary_row(
+                cfg, users, read_locust_stats(out / name), metrics_delta(before, scrape(url)), ready, warn
+            )
             rows.append(row)
             progress.step(point_cost(cfg, p), describe(row))
     except (RuntimeError, subprocess.TimeoutExpired, OSError) as exc:
         servers[cfg.name] = {"error": str(exc).splitlines()[0]}
-        print(f"  !! {cfg.name} failed: {exc}\n  -- server log tail --\n{tail(logs / f'{cfg.name}_server.log')}",
-              flush=True)
+        print(
+            f"  !! {cfg.name} failed: {exc}\n  -- server log tail --\n{tail(logs / f'{cfg.name}_server.log')}",
+            flush=True,
+        )
         left = (len(cfg.users) - len(rows)) * point_cost(cfg, p)
         left += 0.0 if ready is not None else start_cost(cfg, a.gpu)
         progress.step(left, f"{cfg.name}: skipped")
@@ -323,15 +470,25 @@ def describe(r: dict[str, Any]) -> str:
         return f"{r['configuration']} u={r['users']}: no requests completed ({r.get('failures', 0):.0f} failures)"
     extra = f", batch {r['avg_batch_size']:.1f}" if r.get("avg_batch_size") else ""
     extra += f", padding eff {r['padding_efficiency']:.2f}" if r.get("padding_efficiency") else ""
-    return (f"{r['configuration']} u={r['users']}: {r['requests_per_s']:.1f} req/s, p50 {r['p50_ms']:.0f} ms, "
-            f"p99 {r['p99_ms']:.0f} ms, {r['failures']:.0f} failures{extra}")
+    return (
+        f"{r['configuration']} u={r['users']}: {r['requests_per_s']:.1f} req/s, p50 {r['p50_ms']:.0f} ms, "
+        f"p99 {r['p99_ms']:.0f} ms, {r['failures']:.0f} failures{extra}"
+    )
 
 
 def model_limit(a: argparse.Namespace, out: Path) -> dict[str, Any] | None:
     """Runs measure_model_limit in a subprocess, so its threads and memory are gone before servers start."""
     path, log = out / "model_limit.json", out / "logs" / "model_limit.log"
-    cmd = [sys.executable, "-m", "harness.bench", "--model-limit-json", str(path), "--corpus", a.corpus,
-           *(["--quick"] if a.quick else ["--gpu"] if a.gpu else [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "harness.bench",
+        "--model-limit-json",
+        str(path),
+        "--corpus",
+        a.corpus,
+        *(["--quick"] if a.quick else ["--gpu"] if a.gpu else []),
+    ]
     with open(log, "wb") as f:
         rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc != 0 or not path.exists():
@@ -345,15 +502,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="smoke test, under 2 minutes")
     ap.add_argument("--gpu", action="store_true", help="GPU profile: more users, Locust --processes")
     ap.add_argument("--peers", action="store_true", help="add peer rows (harness/peers/)")
-    ap.add_argument("--ops", action="store_true", help="add batched rows with keys, rate limit and JSON logs on "
-                    "and off, alternating (BENCH_REDIS_URL=redis://... shares the limit through Redis)")
+    ap.add_argument(
+        "--ops",
+        action="store_true",
+        help="add batched rows with keys, rate limit and JSON logs on "
+        "and off, alternating (BENCH_REDIS_URL=redis://... shares the limit through Redis)",
+    )
     ap.add_argument("--out", help="output folder (default results/<date>-<profile>)")
     ap.add_argument("--corpus", default="data/reviews.txt", help="one text a line (default %(default)s)")
     ap.add_argument("--only", help="comma-separated configuration names to run")
     ap.add_argument("--users", help="comma-separated user counts, instead of the profile's")
     ap.add_argument("--duration", type=float, help="seconds per measured run, instead of the profile's")
-    ap.add_argument("--model-limit-json", metavar="PATH",
-                    help="only measure the model limit into PATH (what the run does in a subprocess)")
+    ap.add_argument(
+        "--model-limit-json",
+        metavar="PATH",
+        help="only measure the model limit into PATH (what the run does in a subprocess)",
+    )
     a = ap.parse_args(argv)
     a.profile_name = "quick" if a.quick else "gpu" if a.gpu else "cpu"
     corpus = Path(a.corpus).resolve()
@@ -378,11 +542,15 @@ def select(a: argparse.Namespace) -> tuple[Profile, list[Config]]:
         only = set(a.only.split(","))  # configuration names or group names (naive, bus, policy, ops...)
         unknown = only - {c.name for c in cfgs} - {c.group for c in cfgs}
         if unknown:
-            sys.exit(f"bench: unknown configuration {', '.join(sorted(unknown))}; known: "
-                     f"{', '.join(c.name for c in cfgs)} and the groups {', '.join(sorted({c.group for c in cfgs}))}")
+            sys.exit(
+                f"bench: unknown configuration {', '.join(sorted(unknown))}; known: "
+                f"{', '.join(c.name for c in cfgs)} and the groups {', '.join(sorted({c.group for c in cfgs}))}"
+            )
         cfgs = [c for c in cfgs if c.name in only or c.group in only]
     if a.peers and importlib.util.find_spec("litserve") is None:
-        print("!! --peers: litserve is not installed (pip install -r harness/peers/requirements-litserve.txt); skipping peer rows")
+        print(
+            "!! --peers: litserve is not installed (pip install -r harness/peers/requirements-litserve.txt); skipping peer rows"
+        )
         cfgs = [c for c in cfgs if c.group != "peer"]
     return p, cfgs
 
@@ -401,23 +569,36 @@ def main(argv: list[str] | None = None) -> int:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     limit_cost = 12.0 + 2 * len(p.limit_batches) * p.limit_s
     progress = Progress(limit_cost + sum(start_cost(c, a.gpu) + len(c.users) * point_cost(c, p) for c in cfgs))
-    print(f"bench: {len(cfgs)} configurations, corpus {a.corpus}, out {out}, about {fmt_s(progress.planned)} "
-          "planned", flush=True)
+    print(
+        f"bench: {len(cfgs)} configurations, corpus {a.corpus}, out {out}, about {fmt_s(progress.planned)} planned",
+        flush=True,
+    )
     load_at_start = os.getloadavg()[0]  # before any of our own work: what else is using the machine
     limit = model_limit(a, out)
-    progress.step(limit_cost, "model limit: " + (
-        f"{limit['bucketed']['samples_per_s']:.1f} samples/s length-bucketed (batch {limit['bucketed']['batch_size']}"
-        f"), {limit['random']['samples_per_s']:.1f} random-padded (batch {limit['random']['batch_size']})"
-        if limit else "failed, see logs/model_limit.log"))
+    progress.step(
+        limit_cost,
+        "model limit: "
+        + (
+            f"{limit['bucketed']['samples_per_s']:.1f} samples/s length-bucketed (batch {limit['bucketed']['batch_size']}"
+            f"), {limit['random']['samples_per_s']:.1f} random-padded (batch {limit['random']['batch_size']})"
+            if limit
+            else "failed, see logs/model_limit.log"
+        ),
+    )
     rows: list[dict[str, Any]] = []
     servers: dict[str, Any] = {}
-    run = {"profile": a.profile_name, "corpus": a.corpus, "profile_settings": asdict(p),
-           "load_average_at_start": load_at_start}
+    run = {
+        "profile": a.profile_name,
+        "corpus": a.corpus,
+        "profile_settings": asdict(p),
+        "load_average_at_start": load_at_start,
+    }
     for cfg in [None, *cfgs]:  # files are rewritten after each configuration: a stopped run keeps its rows
         rows += bench_config(cfg, p, a, out, progress, servers) if cfg else []
         write_summary(out / "summary.csv", add_ratios(rows, limit["bucketed"]["samples_per_s"] if limit else None))
         (out / "environment.json").write_text(json.dumps(environment(run, limit, servers), indent=2))
     from harness import report  # matplotlib only now, after every measurement
+
     report.main([str(out)])
     print(f"bench: done in {fmt_s(time.monotonic() - progress.t0)}; see {out}/summary.md", flush=True)
     return 0

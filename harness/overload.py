@@ -19,6 +19,7 @@ After a flood the last request queued waits for everything ahead of it: recovery
 MAX_QUEUE / capacity + one batch, and so does the p99 of the 200s (REQUEST_TIMEOUT_MS bounds queue
 time only). On 2 CPU cores with the stand-in, MAX_BATCH_SIZE=16 and --max-queue 16 meet every check.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,7 @@ import random
 import sys
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +58,13 @@ def ms(v: float | None) -> float | None:
 
 # ------------------------------------------------------------------------------------------- servers
 
+
 def start_server(module: str, env: dict[str, str], out: Path) -> tuple[Process, dict[str, Any]]:
     """`uvicorn module:app` on a free 127.0.0.1 port, ready; its /ready body says what it serves."""
     # keys and rate limits would turn the flood into 401s and 429s
-    proc = Process.uvicorn(f"{module}:app", out / f"{module}.log",
-                           environ(env, drop=("API_KEYS", "RATE_LIMIT", "REDIS_URL")))
+    proc = Process.uvicorn(
+        f"{module}:app", out / f"{module}.log", environ(env, drop=("API_KEYS", "RATE_LIMIT", "REDIS_URL"))
+    )
     try:
         return proc, proc.wait_ready(timeout_s=180)  # the stand-in is built on first use
     except RuntimeError as exc:
@@ -71,6 +74,7 @@ def start_server(module: str, env: dict[str, str], out: Path) -> tuple[Process, 
 
 def scrape(url: str) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
+
     out: dict[str, float] = {}
     for fam in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
         for s in fam.samples:
@@ -80,6 +84,7 @@ def scrape(url: str) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------- traffic
+
 
 class Connections:
     """Keep-alive HTTP/1.1 to one 127.0.0.1 port, as lean as asyncio allows: at 300 requests a second
@@ -99,11 +104,14 @@ class Connections:
                     raise
         return await self._post(*await asyncio.open_connection("127.0.0.1", self.port), body)
 
-    async def _post(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    body: bytes) -> tuple[int, str | None]:
+    async def _post(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes
+    ) -> tuple[int, str | None]:
         try:
-            writer.write(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            writer.write(
+                b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
             async with asyncio.timeout(self.timeout_s):
                 head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
                 headers = dict(line.split(": ", 1) for line in head.split("\r\n")[1:] if ": " in line)
@@ -128,7 +136,7 @@ async def send(conns: Connections, body: bytes, t0: float) -> tuple[float, float
     try:
         status, retry_after = await conns.post(body)
         return sent - t0, time.perf_counter() - sent, status, retry_after
-    except Exception as exc:  # noqa: BLE001 - a client-side failure is a result to count, not to raise
+    except Exception as exc:
         return sent - t0, time.perf_counter() - sent, type(exc).__name__, None
 
 
@@ -146,14 +154,23 @@ async def closed_loop(port: int, texts: list[bytes], clients: int, seconds: floa
             answer = await send(conns, texts[i % len(texts)], 0)
             ok += answer[2] == 200  # not `ok += await ...`: that reads ok before the await
             i += clients
+
     started = time.perf_counter()
     await asyncio.gather(*(caller(i) for i in range(clients)))
     conns.close()
     return ok / (time.perf_counter() - started)
 
 
-async def open_loop(port: int, texts: list[bytes], rate: float, seconds: float, max_in_flight: int,
-                    seed: int, t0: float, has_queue: bool) -> dict[str, Any]:
+async def open_loop(
+    port: int,
+    texts: list[bytes],
+    rate: float,
+    seconds: float,
+    max_in_flight: int,
+    seed: int,
+    t0: float,
+    has_queue: bool,
+) -> dict[str, Any]:
     """Poisson arrivals at `rate` for `seconds`, never waiting on answers; over max_in_flight = not sent."""
     rng, results, not_sent, tasks = random.Random(seed), [], 0, set()
     conns, due = Connections(port, 30), 0.0
@@ -185,8 +202,12 @@ async def recover(port: int, has_queue: bool, limit_s: float = 120.0) -> dict[st
         streak = streak + [at + latency] if status == 200 and latency < 1.0 else []
         await asyncio.sleep(0.02)
     conns.close()
-    return {"drained_s": await drain if drain else None, "recovered_s": streak[0] if len(streak) == 3 else None,
-            "probe_counts": dict(Counter(str(p[2]) for p in probes)), "probes": probes[:50]}
+    return {
+        "drained_s": await drain if drain else None,
+        "recovered_s": streak[0] if len(streak) == 3 else None,
+        "probe_counts": dict(Counter(str(p[2]) for p in probes)),
+        "probes": probes[:50],
+    }
 
 
 async def drained_after(port: int, started: float, limit_s: float = 120.0) -> float | None:
@@ -210,8 +231,13 @@ async def watch(pid: int, url: str, t0: float, samples: list[dict[str, Any]], st
                 depth = (await c.get("/ready")).json().get("queue_depth")
             except (psutil.Error, httpx.HTTPError, ValueError):
                 depth = None
-            samples.append({"t": round(time.perf_counter() - t0, 1), "queue_depth": depth,
-                            "rss_mb": round(sum(p.memory_info().rss for p in procs) / 2**20, 1)})
+            samples.append(
+                {
+                    "t": round(time.perf_counter() - t0, 1),
+                    "queue_depth": depth,
+                    "rss_mb": round(sum(p.memory_info().rss for p in procs) / 2**20, 1),
+                }
+            )
             try:
                 await asyncio.wait_for(stop.wait(), 1.0)
             except TimeoutError:
@@ -220,8 +246,10 @@ async def watch(pid: int, url: str, t0: float, samples: list[dict[str, Any]], st
 
 # ------------------------------------------------------------------------------------------ analysis
 
-def summarize(run: dict[str, Any], samples: list[dict[str, Any]], seconds: float,
-              served: dict[str, float]) -> dict[str, Any]:
+
+def summarize(
+    run: dict[str, Any], samples: list[dict[str, Any]], seconds: float, served: dict[str, float]
+) -> dict[str, Any]:
     results = run.pop("results")
     statuses = Counter(str(r[2]) for r in results)
     lat = {k: [r[1] for r in results if str(r[2]) == k] for k in statuses}
@@ -231,17 +259,24 @@ def summarize(run: dict[str, Any], samples: list[dict[str, Any]], seconds: float
     # Loses nothing: every answer the server counted for /predict reached a client, flood or probe.
     client = statuses + Counter(run["probe_counts"])
     server = {k.rsplit(",", 1)[1]: int(v) for k, v in served.items() if k.startswith("requests:/predict,")}
-    return {"sent": len(results), "not_sent_client_cap": run.pop("not_sent"),
-            "status_counts": dict(statuses), "only_200_503_504": set(statuses) <= {str(s) for s in ALLOWED},
-            "ok_per_s": round(statuses.get("200", 0) / seconds, 1),
-            "latency_ms": {k: {"p50": ms(pct(v, 50)), "p99": ms(pct(v, 99)), "max": ms(max(v))}
-                           for k, v in lat.items()},
-            "retry_after_counts": dict(sorted(Counter(retry).items())), "retry_after_median": pct(retry, 50),
-            "answered_s": round(max((r[0] + r[1] for r in results), default=0) - run["ended_s"], 2),
-            "server_minus_client": {k: server.get(k, 0) - client.get(k, 0) for k in set(server) | set(client)},
-            "rss_mb": {"first_third_max": max(rss[:third], default=None),
-                       "last_third_max": max(rss[-third:], default=None), "peak": max(rss, default=None)},
-            **run}
+    return {
+        "sent": len(results),
+        "not_sent_client_cap": run.pop("not_sent"),
+        "status_counts": dict(statuses),
+        "only_200_503_504": set(statuses) <= {str(s) for s in ALLOWED},
+        "ok_per_s": round(statuses.get("200", 0) / seconds, 1),
+        "latency_ms": {k: {"p50": ms(pct(v, 50)), "p99": ms(pct(v, 99)), "max": ms(max(v))} for k, v in lat.items()},
+        "retry_after_counts": dict(sorted(Counter(retry).items())),
+        "retry_after_median": pct(retry, 50),
+        "answered_s": round(max((r[0] + r[1] for r in results), default=0) - run["ended_s"], 2),
+        "server_minus_client": {k: server.get(k, 0) - client.get(k, 0) for k in set(server) | set(client)},
+        "rss_mb": {
+            "first_third_max": max(rss[:third], default=None),
+            "last_third_max": max(rss[-third:], default=None),
+            "peak": max(rss, default=None),
+        },
+        **run,
+    }
 
 
 def soak_windows(results: list[tuple], samples: list[dict[str, Any]], seconds: float) -> list[dict[str, Any]]:
@@ -252,19 +287,34 @@ def soak_windows(results: list[tuple], samples: list[dict[str, Any]], seconds: f
         ok = [r[1] for r in results if lo <= r[0] < hi and r[2] == 200]
         bad = sum(1 for r in results if lo <= r[0] < hi and r[2] != 200)
         rss = [s["rss_mb"] for s in samples if lo <= s["t"] < hi]
-        out.append({"from_s": round(lo), "requests": len(ok) + bad, "failures": bad, "p50_ms": ms(pct(ok, 50)),
-                    "p99_ms": ms(pct(ok, 99)), "rss_mb": max(rss, default=None)})
+        out.append(
+            {
+                "from_s": round(lo),
+                "requests": len(ok) + bad,
+                "failures": bad,
+                "p50_ms": ms(pct(ok, 50)),
+                "p99_ms": ms(pct(ok, 99)),
+                "rss_mb": max(rss, default=None),
+            }
+        )
     return out
 
 
 def environment(args: argparse.Namespace, servers: dict[str, Any]) -> dict[str, Any]:
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-            "args": vars(args), "cpu": cpu_info(), "python": platform.python_version(),
-            "versions": versions("torch", "transformers", "fastapi", "uvicorn", "httpx", "psutil"), **git_state(),
-            "servers": servers}
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "args": vars(args),
+        "cpu": cpu_info(),
+        "python": platform.python_version(),
+        "versions": versions("torch", "transformers", "fastapi", "uvicorn", "httpx", "psutil"),
+        **git_state(),
+        "servers": servers,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- runs
+
 
 async def flood(url: str, pid: int, has_queue: bool, texts: list[bytes], rate: float, a: argparse.Namespace) -> dict:
     samples: list[dict[str, Any]] = []
@@ -278,17 +328,25 @@ async def flood(url: str, pid: int, has_queue: bool, texts: list[bytes], rate: f
     await watcher
     after = scrape(url)
     results, served = run["results"], {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
-    out = summarize(run, samples, a.seconds, served) if not a.soak else {
-        "windows": soak_windows(results, samples, a.seconds), "sent": len(results),
-        "failures": sum(r[2] != 200 for r in results), **{k: v for k, v in run.items() if k != "results"}}
+    out = (
+        summarize(run, samples, a.seconds, served)
+        if not a.soak
+        else {
+            "windows": soak_windows(results, samples, a.seconds),
+            "sent": len(results),
+            "failures": sum(r[2] != 200 for r in results),
+            **{k: v for k, v in run.items() if k != "results"},
+        }
+    )
     out["server_counters_delta"] = served
     out["generator_cpu_s"] = round(cpu1.user + cpu1.system - cpu0.user - cpu0.system, 1)
     out["samples"] = samples
     return out
 
 
-async def one_server(module: str, env: dict[str, str], texts: list[bytes], a: argparse.Namespace,
-                     out: Path, rate: float | None) -> dict[str, Any]:
+async def one_server(
+    module: str, env: dict[str, str], texts: list[bytes], a: argparse.Namespace, out: Path, rate: float | None
+) -> dict[str, Any]:
     proc, ready = start_server(module, env, out)
     url = proc.url
     try:
@@ -299,8 +357,13 @@ async def one_server(module: str, env: dict[str, str], texts: list[bytes], a: ar
         target = rate if rate is not None else capacity * (a.load if a.soak else a.factor)
         print(f"{module}: capacity {capacity:.1f}/s, offering {target:.1f}/s for {a.seconds:.0f} s", flush=True)
         result = await flood(url, proc.popen.pid, "queue_depth" in ready, texts, target, a)
-        return {"ready": ready, "settings": env, "capacity_per_s": round(capacity, 1),
-                "target_per_s": round(target, 1), **result}
+        return {
+            "ready": ready,
+            "settings": env,
+            "capacity_per_s": round(capacity, 1),
+            "target_per_s": round(target, 1),
+            **result,
+        }
     finally:
         proc.stop()
 
@@ -309,56 +372,80 @@ def verdicts(r: dict[str, Any], soak: bool, timeout_ms: float | None) -> dict[st
     if soak:
         w = [x for x in r["windows"] if x["p99_ms"] is not None]
         p99s = sorted(x["p99_ms"] for x in w)
-        return {"zero failures": r["failures"] == 0 and r["not_sent"] == 0,
-                "p99 flat (every window <= 1.5x the median window)":
-                    bool(p99s) and p99s[-1] <= 1.5 * p99s[len(p99s) // 2],
-                "memory flat (last window <= first + 5 %)": bool(w) and w[-1]["rss_mb"] <= 1.05 * w[0]["rss_mb"]}
+        return {
+            "zero failures": r["failures"] == 0 and r["not_sent"] == 0,
+            "p99 flat (every window <= 1.5x the median window)": bool(p99s) and p99s[-1] <= 1.5 * p99s[len(p99s) // 2],
+            "memory flat (last window <= first + 5 %)": bool(w) and w[-1]["rss_mb"] <= 1.05 * w[0]["rss_mb"],
+        }
     lat, rss, retry = r["latency_ms"], r["rss_mb"], r["retry_after_median"]
-    return {"only 200, 503 and 504": r["only_200_503_504"],
-            "every answer the server counted reached a client": not any(r["server_minus_client"].values()),
-            "503s in milliseconds (p99 < 50 ms)": "503" in lat and lat["503"]["p99"] < 50,
-            "Retry-After tracks the drain (median within 1 s of the last flood answer)": retry is not None
-            and abs(retry - r["answered_s"]) <= 1,
-            "p99 of 200s under REQUEST_TIMEOUT_MS":
-                "200" in lat and timeout_ms is not None and lat["200"]["p99"] < timeout_ms,
-            "normal answers within 1 s of the flood's end": r["recovered_s"] is not None and r["recovered_s"] <= 1.0,
-            "memory flat (last third <= first third + 5 %)": rss["last_third_max"] <= 1.05 * rss["first_third_max"]}
+    return {
+        "only 200, 503 and 504": r["only_200_503_504"],
+        "every answer the server counted reached a client": not any(r["server_minus_client"].values()),
+        "503s in milliseconds (p99 < 50 ms)": "503" in lat and lat["503"]["p99"] < 50,
+        "Retry-After tracks the drain (median within 1 s of the last flood answer)": retry is not None
+        and abs(retry - r["answered_s"]) <= 1,
+        "p99 of 200s under REQUEST_TIMEOUT_MS": "200" in lat
+        and timeout_ms is not None
+        and lat["200"]["p99"] < timeout_ms,
+        "normal answers within 1 s of the flood's end": r["recovered_s"] is not None and r["recovered_s"] <= 1.0,
+        "memory flat (last third <= first third + 5 %)": rss["last_third_max"] <= 1.05 * rss["first_third_max"],
+    }
 
 
 def markdown(summary: dict[str, Any]) -> str:
     env, lines = summary["environment"], []
     cpu = env["cpu"]
-    lines += [f"# {'Soak' if summary['soak'] else 'Overload'} run, {env['date']}", "",
-              f"`{env['command']}` at git {env['git_commit'][:10]}{' (dirty)' if env['git_dirty'] else ''}; "
-              f"{cpu['model_name']} ({cpu['cores']} cores, {' '.join(cpu['flags'])}); Python {env['python']}, "
-              + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + ".", ""]
+    lines += [
+        f"# {'Soak' if summary['soak'] else 'Overload'} run, {env['date']}",
+        "",
+        f"`{env['command']}` at git {env['git_commit'][:10]}{' (dirty)' if env['git_dirty'] else ''}; "
+        f"{cpu['model_name']} ({cpu['cores']} cores, {' '.join(cpu['flags'])}); Python {env['python']}, "
+        + ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+        + ".",
+        "",
+    ]
     for name, r in summary["servers"].items():
         ready = r["ready"]
-        lines += [f"## {name}", "", f"Model {ready.get('model_id')} ({ready.get('model_source')}, "
-                  f"{ready.get('device')}, "
-                  f"{ready.get('dtype')}); settings {r['settings']}; batching {ready.get('batching')}.", "",
-                  f"Capacity (closed loop) {r['capacity_per_s']}/s; offered {r['target_per_s']}/s "
-                  f"for {summary['seconds']:.0f} s; the generator used {r['generator_cpu_s']} s of CPU.", ""]
+        lines += [
+            f"## {name}",
+            "",
+            f"Model {ready.get('model_id')} ({ready.get('model_source')}, "
+            f"{ready.get('device')}, "
+            f"{ready.get('dtype')}); settings {r['settings']}; batching {ready.get('batching')}.",
+            "",
+            f"Capacity (closed loop) {r['capacity_per_s']}/s; offered {r['target_per_s']}/s "
+            f"for {summary['seconds']:.0f} s; the generator used {r['generator_cpu_s']} s of CPU.",
+            "",
+        ]
         if summary["soak"]:
             lines += ["| from (s) | requests | failures | p50 (ms) | p99 (ms) | RSS (MB) |", "|---" * 6 + "|"]
-            lines += ["| " + " | ".join(str(w[k]) for k in ("from_s", "requests", "failures", "p50_ms", "p99_ms",
-                                                             "rss_mb")) + " |" for w in r["windows"]]
+            lines += [
+                "| "
+                + " | ".join(str(w[k]) for k in ("from_s", "requests", "failures", "p50_ms", "p99_ms", "rss_mb"))
+                + " |"
+                for w in r["windows"]
+            ]
         else:
-            lines += ["| figure | value |", "|---|---|",
-                      f"| sent / not sent (client cap of {summary['args']['max_in_flight']} in flight) | "
-                      f"{r['sent']} / {r['not_sent_client_cap']} |",
-                      f"| answers by status | {r['status_counts']} |", f"| 200s per second | {r['ok_per_s']} |",
-                      *(f"| latency of {k} (ms) | p50 {v['p50']}, p99 {v['p99']}, max {v['max']} |"
-                        for k, v in sorted(r["latency_ms"].items())),
-                      f"| Retry-After values (count) | {r['retry_after_counts']} |",
-                      f"| Retry-After median (s) | {r['retry_after_median']} |",
-                      f"| after the flood's end (s): queue empty, last flood answer | {r['drained_s']}, "
-                      f"{r['answered_s']} |",
-                      f"| normal answers again after (s) | {r['recovered_s'] and round(r['recovered_s'], 2)} |",
-                      f"| RSS MB: first third max, last third max, peak | {r['rss_mb']['first_third_max']}, "
-                      f"{r['rss_mb']['last_third_max']}, {r['rss_mb']['peak']} |",
-                      f"| server counters (delta) | {r['server_counters_delta']} |",
-                      f"| /predict answers counted by the server but not received | {r['server_minus_client']} |"]
+            lines += [
+                "| figure | value |",
+                "|---|---|",
+                f"| sent / not sent (client cap of {summary['args']['max_in_flight']} in flight) | "
+                f"{r['sent']} / {r['not_sent_client_cap']} |",
+                f"| answers by status | {r['status_counts']} |",
+                f"| 200s per second | {r['ok_per_s']} |",
+                *(
+                    f"| latency of {k} (ms) | p50 {v['p50']}, p99 {v['p99']}, max {v['max']} |"
+                    for k, v in sorted(r["latency_ms"].items())
+                ),
+                f"| Retry-After values (count) | {r['retry_after_counts']} |",
+                f"| Retry-After median (s) | {r['retry_after_median']} |",
+                f"| after the flood's end (s): queue empty, last flood answer | {r['drained_s']}, {r['answered_s']} |",
+                f"| normal answers again after (s) | {r['recovered_s'] and round(r['recovered_s'], 2)} |",
+                f"| RSS MB: first third max, last third max, peak | {r['rss_mb']['first_third_max']}, "
+                f"{r['rss_mb']['last_third_max']}, {r['rss_mb']['peak']} |",
+                f"| server counters (delta) | {r['server_counters_delta']} |",
+                f"| /predict answers counted by the server but not received | {r['server_minus_client']} |",
+            ]
         if "verdicts" in r:
             lines += ["", *(f"- {'PASS' if ok else 'FAIL'}: {what}" for what, ok in r["verdicts"].items())]
         lines.append("")
@@ -410,8 +497,13 @@ def main(argv: list[str] | None = None) -> int:
     if "naive" in a.only:  # the same absolute flood: what the batched server was offered
         rate = servers["batched"]["target_per_s"] if servers else None
         servers["naive"] = run(one_server("naive_server", {"NAIVE_MODE": "threadpool"}, texts, a, a.out, rate))
-    summary = {"soak": a.soak, "seconds": a.seconds, "args": {k: str(v) for k, v in vars(a).items()},
-               "environment": environment(a, {k: v["ready"] for k, v in servers.items()}), "servers": servers}
+    summary = {
+        "soak": a.soak,
+        "seconds": a.seconds,
+        "args": {k: str(v) for k, v in vars(a).items()},
+        "environment": environment(a, {k: v["ready"] for k, v in servers.items()}),
+        "servers": servers,
+    }
     (a.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     (a.out / "summary.md").write_text(markdown(summary))
     print((a.out / "summary.md").read_text())

@@ -15,6 +15,7 @@ server gone, it profiles one taken batch in-process with torch.profiler. Writes 
 - pyspy.txt: the collapsed stacks (flamegraph.pl and speedscope read them); torch_ops.txt: top ops.
 Needs py-spy (requirements-test.txt); the process it launches is its own child, so no ptrace rights.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,6 +32,7 @@ import psutil
 
 from harness.bench import read_locust_stats, run_locust, scrape
 from harness.launch import Process, free_port
+
 STARTUP = ("<frozen importlib", "load_engine", "warmup (model.py", "resolve_source", "lifespan (batched_server")
 # (stage, substrings of a frame): a sample belongs to the stage of its innermost frame that matches one,
 # so the middleware every request passes through counts only for its own code
@@ -41,8 +43,10 @@ STAGES = (
     ("batcher and its worker thread", ("batcher.py", "concurrent/futures", "threading.py")),
     ("logging and metrics", ("ops.py", "prometheus_client", "logging/")),
     ("response: serialization and send", ("serialize_response", "jsonable_encoder", "responses.py", "json/")),
-    ("HTTP parse, routing and validation", ("h11", "httptools", "uvicorn/", "fastapi/", "pydantic", "starlette/",
-                                            "anyio/", "api.py", "guard.py")),
+    (
+        "HTTP parse, routing and validation",
+        ("h11", "httptools", "uvicorn/", "fastapi/", "pydantic", "starlette/", "anyio/", "api.py", "guard.py"),
+    ),
     ("event loop (uvloop: sockets, scheduling)", ("asyncio/", "uvloop")),
 )
 
@@ -81,9 +85,29 @@ def child_pid(pid: int, timeout_s: float = 30.0) -> int:
 def profile_server(a: argparse.Namespace, out: Path) -> dict:
     port, rate = free_port(), 100
     url = f"http://127.0.0.1:{port}"
-    cmd = [str(Path(sys.executable).with_name("py-spy")), "record", "--rate", str(rate), "--format", "raw",
-           "--threads", "--nonblocking", "-o", str(out / "pyspy.txt"), "--", sys.executable, "-m", "uvicorn",
-           "batched_server:app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    cmd = [
+        str(Path(sys.executable).with_name("py-spy")),
+        "record",
+        "--rate",
+        str(rate),
+        "--format",
+        "raw",
+        "--threads",
+        "--nonblocking",
+        "-o",
+        str(out / "pyspy.txt"),
+        "--",
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "batched_server:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
     spy = Process.start("py-spy", cmd, out / "server.log", url=url)
     server = child_pid(spy.popen.pid)
     try:
@@ -96,8 +120,14 @@ def profile_server(a: argparse.Namespace, out: Path) -> dict:
     finally:
         os.kill(server, signal.SIGTERM)
         spy.popen.wait(timeout=60)
-    return {"first": first, "before": before, "after": after, "wall_s": wall, "rate_hz": rate,
-            "client": read_locust_stats(out / "locust")}
+    return {
+        "first": first,
+        "before": before,
+        "after": after,
+        "wall_s": wall,
+        "rate_hz": rate,
+        "client": read_locust_stats(out / "locust"),
+    }
 
 
 def profile_batch(corpus: str, n: int, out: Path) -> dict:
@@ -105,22 +135,27 @@ def profile_batch(corpus: str, n: int, out: Path) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from serving.model import load_engine
     from harness.references import read_corpus
+    from serving.model import load_engine
     from serving.settings import Settings
 
     engine = load_engine(Settings.from_env())
     engine.warmup()
     texts = random.Random(0).sample(read_corpus(corpus), n)
     engine.predict(texts)
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda"
-                                                      else [])) as prof:
+    with profile(
+        activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
+    ) as prof:
         passes: list = []
         engine.predict(texts, on_pass=passes.append)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
     (out / "torch_ops.txt").write_text(table)
-    return {"texts": n, "passes": [p.items for p in passes], "torch_threads": torch.get_num_threads(),
-            "table_head": table}
+    return {
+        "texts": n,
+        "passes": [p.items for p in passes],
+        "torch_threads": torch.get_num_threads(),
+        "table_head": table,
+    }
 
 
 def mean(m: dict, name: str) -> float | None:
@@ -131,6 +166,7 @@ def mean(m: dict, name: str) -> float | None:
 def write_report(a: argparse.Namespace, out: Path, srv: dict, batch: dict) -> None:
     def delta(x: dict, y: dict) -> dict:
         return {k: y[k] - x.get(k, 0.0) for k in y}
+
     run, whole = delta(srv["before"], srv["after"]), delta(srv["first"], srv["after"])
     reqs_run = run.get("sentimentalyzer_requests_total", 0.0)
     reqs_whole = whole.get("sentimentalyzer_requests_total", 0.0)
@@ -139,26 +175,44 @@ def write_report(a: argparse.Namespace, out: Path, srv: dict, batch: dict) -> No
     total = sum(serving.values())
     c = srv["client"]
     items = run.get("sentimentalyzer_batch_size_sum", 0.0)
-    lines = [f"# Where the time goes: batched server, {a.users} users, {a.corpus}", "",
-             f"- command: `python {' '.join(sys.argv)}`; settings from the environment: "
-             f"{json.dumps({k: v for k, v in os.environ.items() if k in ('MODEL_ID', 'DTYPE', 'MAX_WAIT_MS', 'MAX_BATCH_SIZE', 'BATCH_POLICY')})}",
-             f"- measured run: {a.seconds:g} s, {reqs_run:.0f} requests, {reqs_run / srv['wall_s']:.1f} req/s; "
-             f"{items / max(run.get('sentimentalyzer_batch_size_count', 1), 1):.1f} items per forward pass",
-             "", "## Wall time of one request (means over the measured run)", "",
-             "| stage | ms |", "|---|---:|",
-             f"| client latency (Locust, median) | {c.get('p50_ms', float('nan')):.1f} |",
-             f"| server latency (middleware in to out) | {1000 * (mean(run, 'sentimentalyzer_request_latency_seconds') or 0):.1f} |",
-             f"| queue wait (enqueue to the start of its batch) | {1000 * (mean(run, 'sentimentalyzer_queue_wait_seconds') or 0):.1f} |",
-             f"| compute of a taken batch (tokenize + every pass) | {1000 * (mean(run, 'sentimentalyzer_compute_seconds') or 0):.1f} |",
-             "", "The rest of the server latency is the event loop: parsing, validation, response, and waiting "
-             "its turn behind other requests' work.", "",
-             "## Thread time by stage (py-spy, every Python thread, warm-up and measured run)", "",
-             f"{total} samples at {srv['rate_hz']} Hz over {reqs_whole:.0f} requests; idle threads are not sampled.", "",
-             "| stage | share of samples | ms per request |", "|---|---:|---:|"]
+    lines = [
+        f"# Where the time goes: batched server, {a.users} users, {a.corpus}",
+        "",
+        f"- command: `python {' '.join(sys.argv)}`; settings from the environment: "
+        f"{json.dumps({k: v for k, v in os.environ.items() if k in ('MODEL_ID', 'DTYPE', 'MAX_WAIT_MS', 'MAX_BATCH_SIZE', 'BATCH_POLICY')})}",
+        f"- measured run: {a.seconds:g} s, {reqs_run:.0f} requests, {reqs_run / srv['wall_s']:.1f} req/s; "
+        f"{items / max(run.get('sentimentalyzer_batch_size_count', 1), 1):.1f} items per forward pass",
+        "",
+        "## Wall time of one request (means over the measured run)",
+        "",
+        "| stage | ms |",
+        "|---|---:|",
+        f"| client latency (Locust, median) | {c.get('p50_ms', float('nan')):.1f} |",
+        f"| server latency (middleware in to out) | {1000 * (mean(run, 'sentimentalyzer_request_latency_seconds') or 0):.1f} |",
+        f"| queue wait (enqueue to the start of its batch) | {1000 * (mean(run, 'sentimentalyzer_queue_wait_seconds') or 0):.1f} |",
+        f"| compute of a taken batch (tokenize + every pass) | {1000 * (mean(run, 'sentimentalyzer_compute_seconds') or 0):.1f} |",
+        "",
+        "The rest of the server latency is the event loop: parsing, validation, response, and waiting "
+        "its turn behind other requests' work.",
+        "",
+        "## Thread time by stage (py-spy, every Python thread, warm-up and measured run)",
+        "",
+        f"{total} samples at {srv['rate_hz']} Hz over {reqs_whole:.0f} requests; idle threads are not sampled.",
+        "",
+        "| stage | share of samples | ms per request |",
+        "|---|---:|---:|",
+    ]
     for stage, n in sorted(serving.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {stage} | {n / total:.1%} | {1000 * n / srv['rate_hz'] / max(reqs_whole, 1):.2f} |")
-    lines += ["", f"## One taken batch under torch.profiler ({batch['texts']} random corpus texts, passes of "
-              f"{batch['passes']} items, {batch['torch_threads']} torch threads)", "", "```", batch["table_head"], "```"]
+    lines += [
+        "",
+        f"## One taken batch under torch.profiler ({batch['texts']} random corpus texts, passes of "
+        f"{batch['passes']} items, {batch['torch_threads']} torch threads)",
+        "",
+        "```",
+        batch["table_head"],
+        "```",
+    ]
     (out / "profile.md").write_text("\n".join(lines) + "\n")
 
 

@@ -9,6 +9,7 @@ model limit is tokenize + forward in-process, no HTTP, at the best batch size, i
 cut from the length-sorted corpus (each one length class, what perfect length bucketing reaches) and
 batches of random texts padded to their longest. `environment()` is what environment.json records.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,7 +19,7 @@ import shlex
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ def read_corpus(path: str) -> list[str]:
 
 # ------------------------------------------------------------------------------ the HTTP ceiling app
 
+
 def create_ceiling_app() -> Any:
     """The servers' own FastAPI stack (middleware, validation, response model) with no model behind it."""
     from contextlib import asynccontextmanager
@@ -42,14 +44,14 @@ def create_ceiling_app() -> Any:
     from serving.settings import Settings
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):  # noqa: ANN202 - FastAPI's lifespan protocol
+    async def lifespan(app: FastAPI):
         app.state.is_ready = lambda: True
         app.state.ready_info = lambda: {"model_id": None, "model_source": "none", "device": "none"}
         yield
 
     app = build_app("ceiling", lifespan, Settings.from_env())
 
-    async def predict(body, request):  # noqa: ANN001, ANN202 - annotated below
+    async def predict(body, request):
         check_texts(require_ready(request), [body.text], batch=False)
         return PredictResponse(label="POSITIVE", score=1.0, latency_ms=0.0)
 
@@ -62,6 +64,7 @@ def create_ceiling_app() -> Any:
 
 # ---------------------------------------------------------------------------------- the model limit
 
+
 def length_batches(lengths: list[int], size: int, bucketed: bool, seed: int = 0) -> list[list[int]]:
     """Index batches in random order: cut from the length-sorted corpus (each batch one length class,
     what perfect bucketing reaches) or from a shuffled one (each batch padded to its longest)."""
@@ -69,7 +72,7 @@ def length_batches(lengths: list[int], size: int, bucketed: bool, seed: int = 0)
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     if not bucketed:
         rng.shuffle(order)
-    batches = [order[i:i + size] for i in range(0, len(order), size)]
+    batches = [order[i : i + size] for i in range(0, len(order), size)]
     rng.shuffle(batches)  # a run cut short by its time budget then samples every length class alike
     return batches
 
@@ -96,9 +99,13 @@ def measure_model_limit(corpus: str, batch_sizes: tuple[int, ...], budget_s: flo
         logits.float().softmax(-1).cpu()  # what a server does with them; on CUDA this also waits for the GPU
 
     run(list(range(min(8, len(texts)))))  # first call allocates and picks kernels
-    result: dict[str, Any] = {"texts": len(unique), "mean_tokens": sum(lengths) / len(lengths),
-                              "budget_s": budget_s, "by_batch_size": {},
-                              **engine.describe()}
+    result: dict[str, Any] = {
+        "texts": len(unique),
+        "mean_tokens": sum(lengths) / len(lengths),
+        "budget_s": budget_s,
+        "by_batch_size": {},
+        **engine.describe(),
+    }
     for size in batch_sizes:
         for mode in ("bucketed", "random"):
             batches, done, t0 = length_batches(lengths, size, mode == "bucketed"), 0, time.perf_counter()
@@ -132,12 +139,18 @@ def measure_agreement(corpus: str, dtype: str) -> dict[str, Any]:
     ref, other = p_pos["fp32"], p_pos[dtype]
     diffs = [abs(a - b) for a, b in zip(ref, other)]
     flips = [i for i, (a, b) in enumerate(zip(ref, other)) if (a >= 0.5) != (b >= 0.5)]
-    return {"dtype": dtype, "texts": len(texts), "max_abs_diff": max(diffs), "mean_abs_diff": sum(diffs) / len(diffs),
-            "label_agreement": 1 - len(flips) / len(texts),
-            "flips_outside_1e-2": sum(1 for i in flips if abs(ref[i] - 0.5) >= 1e-2)}
+    return {
+        "dtype": dtype,
+        "texts": len(texts),
+        "max_abs_diff": max(diffs),
+        "mean_abs_diff": sum(diffs) / len(diffs),
+        "label_agreement": 1 - len(flips) / len(texts),
+        "flips_outside_1e-2": sum(1 for i in flips if abs(ref[i] - 0.5) >= 1e-2),
+    }
 
 
 # ------------------------------------------------------------------------------------- the machine
+
 
 def cpu_info() -> dict[str, Any]:
     """CPU model and the flags that decide which fast paths torch has (AVX2, AVX-512, AMX...)."""
@@ -166,9 +179,11 @@ def versions(*packages: str) -> dict[str, str | None]:
 
 def git_state() -> dict[str, Any]:
     """The commit a result was measured at, and whether the tree had changes."""
+
     def git(*args: str) -> str | None:
         r = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
         return r.stdout.strip() if r.returncode == 0 else None
+
     return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain"))}
 
 
@@ -177,13 +192,25 @@ def environment(run: dict[str, Any], limit: dict[str, Any] | None, servers: dict
     model_ready = next((r for n, r in servers.items() if n.startswith(("batched", "naive")) and "error" not in r), {})
     batched_ready = next((r for n, r in servers.items() if n.startswith("batched") and "error" not in r), {})
 
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": shlex.join(["python", *sys.argv]), **run,
-            "device": model_ready.get("device"), "gpu_name": (limit or {}).get("gpu_name"),
-            "dtype": model_ready.get("dtype"), "model_id": model_ready.get("model_id"),
-            "model_source": model_ready.get("model_source"), "batching": batched_ready.get("batching"),
-            "cpu": cpu_info(), "python": platform.python_version(),
-            "versions": versions("torch", "transformers", "fastapi", "uvicorn", "locust", "litserve"), **git_state(),
-            "env": {k: v for k, v in os.environ.items() if k in ("MODEL_ID", "DEVICE", "DTYPE", "MAX_WAIT_MS",
-                                                                   "MAX_BATCH_SIZE", "BATCH_POLICY")},
-            "model_limit": limit, "servers": servers}
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": shlex.join(["python", *sys.argv]),
+        **run,
+        "device": model_ready.get("device"),
+        "gpu_name": (limit or {}).get("gpu_name"),
+        "dtype": model_ready.get("dtype"),
+        "model_id": model_ready.get("model_id"),
+        "model_source": model_ready.get("model_source"),
+        "batching": batched_ready.get("batching"),
+        "cpu": cpu_info(),
+        "python": platform.python_version(),
+        "versions": versions("torch", "transformers", "fastapi", "uvicorn", "locust", "litserve"),
+        **git_state(),
+        "env": {
+            k: v
+            for k, v in os.environ.items()
+            if k in ("MODEL_ID", "DEVICE", "DTYPE", "MAX_WAIT_MS", "MAX_BATCH_SIZE", "BATCH_POLICY")
+        },
+        "model_limit": limit,
+        "servers": servers,
+    }

@@ -6,6 +6,7 @@
 bench.py calls it at the end of a run; run it alone to redraw after editing this file. Every
 number comes from the run's files: nothing here is typed in by hand.
 """
+
 from __future__ import annotations
 
 import csv
@@ -17,10 +18,22 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+import matplotlib.pyplot as plt
 
-NUMERIC = ("users", "requests_per_s", "p50_ms", "p95_ms", "p99_ms", "requests", "failures", "avg_batch_size",
-           "padding_efficiency", "rps_over_model_limit", "rps_over_http_ceiling", "max_batch_size")
+NUMERIC = (
+    "users",
+    "requests_per_s",
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
+    "requests",
+    "failures",
+    "avg_batch_size",
+    "padding_efficiency",
+    "rps_over_model_limit",
+    "rps_over_http_ceiling",
+    "max_batch_size",
+)
 NAIVE = ("naive-threadpool", "naive-blocking")
 
 
@@ -37,8 +50,10 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def find(rows: list[dict[str, Any]], name: str, users: int) -> dict[str, Any] | None:
-    return next((r for r in rows if r["configuration"] == name and r["users"] == users
-                 and r["requests_per_s"] is not None), None)
+    return next(
+        (r for r in rows if r["configuration"] == name and r["users"] == users and r["requests_per_s"] is not None),
+        None,
+    )
 
 
 def _users(n: int) -> str:
@@ -50,13 +65,18 @@ def _f(v: float | None, digits: int = 1) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
-    out = ["| configuration | users | req/s | p50 ms | p95 ms | p99 ms | failures | avg batch | padding eff. "
-           "| / model limit | / HTTP ceiling |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = [
+        "| configuration | users | req/s | p50 ms | p95 ms | p99 ms | failures | avg batch | padding eff. "
+        "| / model limit | / HTTP ceiling |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        out.append(f"| {r['configuration']} | {r['users']} | {_f(r['requests_per_s'])} | {_f(r['p50_ms'], 0)} "
-                   f"| {_f(r['p95_ms'], 0)} | {_f(r['p99_ms'], 0)} | {_f(r['failures'], 0)} "
-                   f"| {_f(r['avg_batch_size'])} | {_f(r['padding_efficiency'], 2)} "
-                   f"| {_f(r['rps_over_model_limit'], 2)} | {_f(r['rps_over_http_ceiling'], 3)} |")
+        out.append(
+            f"| {r['configuration']} | {r['users']} | {_f(r['requests_per_s'])} | {_f(r['p50_ms'], 0)} "
+            f"| {_f(r['p95_ms'], 0)} | {_f(r['p99_ms'], 0)} | {_f(r['failures'], 0)} "
+            f"| {_f(r['avg_batch_size'])} | {_f(r['padding_efficiency'], 2)} "
+            f"| {_f(r['rps_over_model_limit'], 2)} | {_f(r['rps_over_http_ceiling'], 3)} |"
+        )
     return out
 
 
@@ -68,8 +88,10 @@ def ratios(rows: list[dict[str, Any]]) -> list[str]:
         for other in (*NAIVE, "litserve"):
             o = find(rows, other, users)
             if b and o and o["requests_per_s"] and o["p99_ms"]:
-                out.append(f"| {users} | {other} | {b['requests_per_s'] / o['requests_per_s']:.2f}x "
-                           f"| {b['p99_ms'] / o['p99_ms']:.2f} |")
+                out.append(
+                    f"| {users} | {other} | {b['requests_per_s'] / o['requests_per_s']:.2f}x "
+                    f"| {b['p99_ms'] / o['p99_ms']:.2f} |"
+                )
     return out if len(out) > 2 else ["No user count has both a batched and a naive row in this run."]
 
 
@@ -84,56 +106,82 @@ def losses(rows: list[dict[str, Any]]) -> list[str]:
                 continue
             compared += 1
             if b["requests_per_s"] < o["requests_per_s"]:
-                out.append(f"At {_users(users)} the batched server served fewer requests/s than {other}: "
-                           f"{b['requests_per_s']:.1f} vs {o['requests_per_s']:.1f}.")
+                out.append(
+                    f"At {_users(users)} the batched server served fewer requests/s than {other}: "
+                    f"{b['requests_per_s']:.1f} vs {o['requests_per_s']:.1f}."
+                )
             if b["p50_ms"] > o["p50_ms"]:
-                out.append(f"At {_users(users)} its median latency was higher than {other}'s: "
-                           f"{b['p50_ms']:.0f} ms vs {o['p50_ms']:.0f} ms.")
+                out.append(
+                    f"At {_users(users)} its median latency was higher than {other}'s: "
+                    f"{b['p50_ms']:.0f} ms vs {o['p50_ms']:.0f} ms."
+                )
     for r in rows:
         if r["group"] in ("bus", "policy") and r["requests_per_s"] is not None:
             for other in NAIVE:
                 o = find(rows, other, r["users"])
                 compared += o is not None
                 if o and r["requests_per_s"] < o["requests_per_s"]:
-                    out.append(f"{r['configuration']} (MAX_BATCH_SIZE {r['max_batch_size']}, policy "
-                               f"{r['batch_policy']}) at {r['users']} users served fewer requests/s than {other}: "
-                               f"{r['requests_per_s']:.1f} vs {o['requests_per_s']:.1f}.")
+                    out.append(
+                        f"{r['configuration']} (MAX_BATCH_SIZE {r['max_batch_size']}, policy "
+                        f"{r['batch_policy']}) at {r['users']} users served fewer requests/s than {other}: "
+                        f"{r['requests_per_s']:.1f} vs {o['requests_per_s']:.1f}."
+                    )
         if r["failures"]:
-            out.append(f"{r['configuration']} at {r['users']} users had {r['failures']:.0f} failed requests "
-                       f"(see {r['configuration']}_u{r['users']}_failures.csv).")
+            out.append(
+                f"{r['configuration']} at {r['users']} users had {r['failures']:.0f} failed requests "
+                f"(see {r['configuration']}_u{r['users']}_failures.csv)."
+            )
     if not out and not compared:
         return ["No batched row shares a user count with a naive row in this run: nothing to compare."]
-    return out or ["In this run the batched server did not lose to a naive mode on throughput or median latency "
-                   "at any user count measured, and no request failed."]
+    return out or [
+        "In this run the batched server did not lose to a naive mode on throughput or median latency "
+        "at any user count measured, and no request failed."
+    ]
 
 
 def header(env: dict[str, Any]) -> list[str]:
     cpu, limit = env.get("cpu") or {}, env.get("model_limit")
     source = env.get("model_source")
-    lines = [f"# Benchmark: {env.get('profile', '?')} profile, {env.get('date', '?')}", "",
-             f"- command: `{env.get('command')}`",
-             f"- device: {env.get('device')}" + (f" ({env['gpu_name']})" if env.get("gpu_name") else "")
-             + f", dtype {env.get('dtype')}; CPU: {cpu.get('model_name')}, {cpu.get('cores')} cores, "
-             f"flags {' '.join(cpu.get('flags') or []) or 'unknown'}",
-             f"- model: {env.get('model_id')} (source: {source})"
-             + (". The stand-in has the real architecture and tokenizer but random weights: its labels mean "
-                "nothing, its cost per request is the real model's." if source == "stand-in" else ""),
-             f"- corpus: {env.get('corpus')}; batching settings: {json.dumps(env.get('batching'))}",
-             f"- git: {env.get('git_commit') or 'no commit'}{' (dirty)' if env.get('git_dirty') else ''}"]
+    lines = [
+        f"# Benchmark: {env.get('profile', '?')} profile, {env.get('date', '?')}",
+        "",
+        f"- command: `{env.get('command')}`",
+        f"- device: {env.get('device')}"
+        + (f" ({env['gpu_name']})" if env.get("gpu_name") else "")
+        + f", dtype {env.get('dtype')}; CPU: {cpu.get('model_name')}, {cpu.get('cores')} cores, "
+        f"flags {' '.join(cpu.get('flags') or []) or 'unknown'}",
+        f"- model: {env.get('model_id')} (source: {source})"
+        + (
+            ". The stand-in has the real architecture and tokenizer but random weights: its labels mean "
+            "nothing, its cost per request is the real model's."
+            if source == "stand-in"
+            else ""
+        ),
+        f"- corpus: {env.get('corpus')}; batching settings: {json.dumps(env.get('batching'))}",
+        f"- git: {env.get('git_commit') or 'no commit'}{' (dirty)' if env.get('git_dirty') else ''}",
+    ]
     if limit:
         b, r = limit["bucketed"], limit["random"]
         sizes = ", ".join(limit.get("by_batch_size", {}))
-        lines.append(f"- model limit (in-process tokenize + forward, no HTTP; corpus of {limit['texts']} texts, mean "
-                     f"{limit['mean_tokens']:.1f} tokens; best of batch sizes {sizes}): {b['samples_per_s']:.1f} "
-                     f"samples/s length-bucketed (batch {b['batch_size']}), {r['samples_per_s']:.1f} samples/s "
-                     f"random-padded (batch {r['batch_size']})")
+        lines.append(
+            f"- model limit (in-process tokenize + forward, no HTTP; corpus of {limit['texts']} texts, mean "
+            f"{limit['mean_tokens']:.1f} tokens; best of batch sizes {sizes}): {b['samples_per_s']:.1f} "
+            f"samples/s length-bucketed (batch {b['batch_size']}), {r['samples_per_s']:.1f} samples/s "
+            f"random-padded (batch {r['batch_size']})"
+        )
         agree = limit.get("int8_agreement")
         if agree:
-            lines.append(f"- int8 (dynamic quantization) against fp32 on the corpus's {agree['texts']} texts: P(positive) "
-                         f"max abs diff {agree['max_abs_diff']:.4f}, mean {agree['mean_abs_diff']:.4f}; labels agree on "
-                         f"{agree['label_agreement']:.1%}, {agree['flips_outside_1e-2']} flips where fp32 was not within "
-                         "1e-2 of 0.5" + (" (random stand-in weights: a lower bound, re-check with the real model)"
-                                          if source == "stand-in" else ""))
+            lines.append(
+                f"- int8 (dynamic quantization) against fp32 on the corpus's {agree['texts']} texts: P(positive) "
+                f"max abs diff {agree['max_abs_diff']:.4f}, mean {agree['mean_abs_diff']:.4f}; labels agree on "
+                f"{agree['label_agreement']:.1%}, {agree['flips_outside_1e-2']} flips where fp32 was not within "
+                "1e-2 of 0.5"
+                + (
+                    " (random stand-in weights: a lower bound, re-check with the real model)"
+                    if source == "stand-in"
+                    else ""
+                )
+            )
     else:
         lines.append("- model limit: not measured in this run (see logs/model_limit.log)")
     return lines
@@ -143,35 +191,63 @@ def scaling(rows: list[dict[str, Any]]) -> list[str]:
     """uvicorn --workers N rows against N x the one-process batched row at the same user count."""
     out = []
     for r in (r for r in rows if r["group"] == "scale" and r["requests_per_s"]):
-        one = next((b for b in rows if b["configuration"] == "batched" and b["users"] == r["users"]
-                    and b["requests_per_s"]), None)
+        one = next(
+            (b for b in rows if b["configuration"] == "batched" and b["users"] == r["users"] and b["requests_per_s"]),
+            None,
+        )
         n = int(r["configuration"].rsplit("x", 1)[1])
         if one:
-            out.append(f"- {n} processes at {r['users']} users: {r['requests_per_s']:.1f} req/s = "
-                       f"{r['requests_per_s'] / (n * one['requests_per_s']):.2f} x {n} x one process "
-                       f"({one['requests_per_s']:.1f} req/s)")
+            out.append(
+                f"- {n} processes at {r['users']} users: {r['requests_per_s']:.1f} req/s = "
+                f"{r['requests_per_s'] / (n * one['requests_per_s']):.2f} x {n} x one process "
+                f"({one['requests_per_s']:.1f} req/s)"
+            )
     return ["## Several processes (uvicorn --workers N, one model replica each)", "", *out, ""] if out else []
 
 
 def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
     ceiling = [r for r in rows if r["configuration"] == "http-ceiling" and r["requests_per_s"]]
-    ceil_line = (f"- HTTP ceiling (no-model endpoint, same FastAPI + uvicorn stack): "
-                 f"{max(r['requests_per_s'] for r in ceiling):,.0f} req/s" if ceiling else
-                 "- HTTP ceiling: not measured in this run")
+    ceil_line = (
+        f"- HTTP ceiling (no-model endpoint, same FastAPI + uvicorn stack): "
+        f"{max(r['requests_per_s'] for r in ceiling):,.0f} req/s"
+        if ceiling
+        else "- HTTP ceiling: not measured in this run"
+    )
     warned = sorted({f"{r['configuration']} u={r['users']}" for r in rows if r["locust_cpu_warning"]})
     failed = [f"{n}: {s['error']}" for n, s in (env.get("servers") or {}).items() if "error" in s]
-    parts = [*header(env), ceil_line, "", "## Results", "", *table(rows), "", *scaling(rows),
-             "## Batched versus naive", "", *ratios(rows), "", "## Where batching loses", "",
-             *[f"- {line}" for line in losses(rows)], "", "## Caveats", "",
-             "- Locust's CSV is a snapshot written once a second: the last second of each run is not in it.",
-             "- On CPU runs Locust shares the cores with the server it drives."]
+    parts = [
+        *header(env),
+        ceil_line,
+        "",
+        "## Results",
+        "",
+        *table(rows),
+        "",
+        *scaling(rows),
+        "## Batched versus naive",
+        "",
+        *ratios(rows),
+        "",
+        "## Where batching loses",
+        "",
+        *[f"- {line}" for line in losses(rows)],
+        "",
+        "## Caveats",
+        "",
+        "- Locust's CSV is a snapshot written once a second: the last second of each run is not in it.",
+        "- On CPU runs Locust shares the cores with the server it drives.",
+    ]
     load, cores = env.get("load_average_at_start"), (env.get("cpu") or {}).get("cores")
     if load is not None and load > 0.5:
-        parts.append(f"- The machine's 1-minute load average was {load:.2f} ({cores} cores) before the run started: "
-                     "other work was competing for the CPU, so these figures understate what it can do.")
+        parts.append(
+            f"- The machine's 1-minute load average was {load:.2f} ({cores} cores) before the run started: "
+            "other work was competing for the CPU, so these figures understate what it can do."
+        )
     if warned:
-        parts.append(f"- Locust warned that its CPU was above 90% in: {', '.join(warned)}; those figures may be "
-                     "limited by the load generator rather than the server.")
+        parts.append(
+            f"- Locust warned that its CPU was above 90% in: {', '.join(warned)}; those figures may be "
+            "limited by the load generator rather than the server."
+        )
     parts += [f"- configuration that did not run: {f}" for f in failed]
     return "\n".join(parts) + "\n"
 
@@ -186,8 +262,11 @@ def plot_throughput(rows: list[dict[str, Any]], env: dict[str, Any], path: Path)
     fig, ax = plt.subplots(figsize=(8, 5))
     top = 0.0
     for name in dict.fromkeys(r["configuration"] for r in rows if r["group"] in ("naive", "batched", "peer")):
-        pts = sorted((r["users"], r["requests_per_s"]) for r in rows if r["configuration"] == name
-                     and r["requests_per_s"] is not None)
+        pts = sorted(
+            (r["users"], r["requests_per_s"])
+            for r in rows
+            if r["configuration"] == name and r["requests_per_s"] is not None
+        )
         if pts:
             ax.plot(*zip(*pts), marker="o", label=name)
             top = max(top, max(y for _, y in pts))
@@ -195,14 +274,21 @@ def plot_throughput(rows: list[dict[str, Any]], env: dict[str, Any], path: Path)
     if limit:
         ax.axhline(limit, ls="--", color="grey", label=f"model limit {limit:,.0f}/s")
         top = max(top, limit)
-    ceiling = max((r["requests_per_s"] for r in rows if r["configuration"] == "http-ceiling"
-                   and r["requests_per_s"]), default=None)
+    ceiling = max(
+        (r["requests_per_s"] for r in rows if r["configuration"] == "http-ceiling" and r["requests_per_s"]),
+        default=None,
+    )
     if ceiling and ceiling < 3 * max(top, 1e-9):
         ax.axhline(ceiling, ls=":", color="black", label=f"HTTP ceiling {ceiling:,.0f}/s")
     elif ceiling:  # drawn to scale it would flatten every other line
         ax.plot([], [], ls=":", color="black", label=f"HTTP ceiling {ceiling:,.0f}/s (off scale)")
-    ax.set(xscale="log", xlabel="concurrent users (closed loop)", ylabel="requests/s", ylim=(0, 1.15 * top or 1),
-           title="Throughput vs users")
+    ax.set(
+        xscale="log",
+        xlabel="concurrent users (closed loop)",
+        ylabel="requests/s",
+        ylim=(0, 1.15 * top or 1),
+        title="Throughput vs users",
+    )
     _user_ticks(ax, rows)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -233,15 +319,24 @@ def plot_bus(rows: list[dict[str, Any]], path: Path) -> bool:
     """Throughput and p99 against MAX_BATCH_SIZE at the bus user count; False when under 2 sizes ran."""
     bus = [r for r in rows if r["group"] == "bus" and r["requests_per_s"] is not None]
     users = bus[0]["users"] if bus else None
-    pts = sorted({r["max_batch_size"]: r for r in [*bus, *[r for r in rows if r["configuration"] == "batched"
-                                                            and r["users"] == users]]}.items())
+    pts = sorted(
+        {
+            r["max_batch_size"]: r
+            for r in [*bus, *[r for r in rows if r["configuration"] == "batched" and r["users"] == users]]
+        }.items()
+    )
     if len(pts) < 2:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = [k for k, _ in pts]
     ax.plot(xs, [r["requests_per_s"] for _, r in pts], marker="o", color="tab:blue", label="requests/s")
-    ax.set(xscale="log", xlabel="MAX_BATCH_SIZE", ylabel="requests/s", ylim=(0, None),
-           title=f"Batch-size trade-off at {users} users")
+    ax.set(
+        xscale="log",
+        xlabel="MAX_BATCH_SIZE",
+        ylabel="requests/s",
+        ylim=(0, None),
+        title=f"Batch-size trade-off at {users} users",
+    )
     ax.set_xticks(xs, [str(x) for x in xs])
     ax2 = ax.twinx()
     ax2.plot(xs, [r["p99_ms"] for _, r in pts], marker="s", color="tab:red", label="p99 ms")

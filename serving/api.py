@@ -8,6 +8,7 @@ Everything a client can send wrong ends as a JSON 4xx here, never a 500: pydanti
 body, `BodyLimit` refuses bodies over 1 MiB before they are parsed, and the handlers below keep the
 echoed input out of error bodies (a lone surrogate in it would otherwise break JSON encoding).
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,7 +21,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import AfterValidator, BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving import guard
@@ -101,11 +101,15 @@ def require_ready(request: Request) -> Settings:
     return state.settings
 
 
-def build_app(kind: str, lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]],
-              settings: Settings) -> FastAPI:
+def build_app(
+    kind: str, lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]], settings: Settings
+) -> FastAPI:
     """A FastAPI app with the shared routes, handlers and middleware, for these settings."""
-    app = FastAPI(title=f"Sentimentalyzer ({kind})", lifespan=lifespan,
-                  description="DistilBERT SST-2 sentiment; contract: shared/SPEC.md")
+    app = FastAPI(
+        title=f"Sentimentalyzer ({kind})",
+        lifespan=lifespan,
+        description="DistilBERT SST-2 sentiment; contract: shared/SPEC.md",
+    )
     app.state.kind = kind
     app.state.settings = settings
     app.state.is_ready = lambda: False
@@ -137,8 +141,9 @@ def _add_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400 and exc.__cause__ is not None:
             # FastAPI answers a body it cannot decode with a bare 400; the spec's malformed-JSON row is 422
-            return JSONResponse({"detail": [{"type": "json_invalid", "loc": ["body"], "msg": "JSON decode error"}]},
-                                status_code=422)
+            return JSONResponse(
+                {"detail": [{"type": "json_invalid", "loc": ["body"], "msg": "JSON decode error"}]}, status_code=422
+            )
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
@@ -156,8 +161,9 @@ def _add_common_routes(app: FastAPI) -> None:
     async def ready(request: Request) -> JSONResponse:
         state = request.app.state
         ok = state.is_ready()
-        return JSONResponse({"status": "ready" if ok else "not ready", **state.ready_info()},
-                            status_code=200 if ok else 503)
+        return JSONResponse(
+            {"status": "ready" if ok else "not ready", **state.ready_info()}, status_code=200 if ok else 503
+        )
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics(request: Request) -> Response:

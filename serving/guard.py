@@ -17,6 +17,7 @@ every worker and replica. If Redis cannot be reached the limiter fails over to t
 (limits then hold per process, not per fleet) and logs a WARNING, rather than refusing everyone:
 keys are still checked, the batch queue still sheds overload, and Redis is retried every few seconds.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,8 +41,8 @@ from serving.settings import Settings
 log = logging.getLogger("sentimentalyzer.guard")
 EXEMPT_PATHS = frozenset({"/health", "/ready"})
 REALM = 'Bearer realm="sentimentalyzer"'
-REDIS_TIMEOUT_S = 0.5   # a slow Redis must not become every request's latency
-REDIS_RETRY_S = 5.0     # after a failure, decide locally this long before trying Redis again
+REDIS_TIMEOUT_S = 0.5  # a slow Redis must not become every request's latency
+REDIS_RETRY_S = 5.0  # after a failure, decide locally this long before trying Redis again
 
 # KEYS[1] the key's log (a sorted set of request times); ARGV: limit, window in µs, a unique member.
 # Returns 0 when the request is admitted (and logged), else µs until the oldest entry leaves the window.
@@ -109,8 +110,9 @@ class RedisLimiter:
 
     def __init__(self, url: str, limit: int, window_s: float, obs: Observability | None = None) -> None:
         self.limit, self.window_us = limit, int(window_s * 1_000_000)
-        self.client = aioredis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S,
-                                              socket_connect_timeout=REDIS_TIMEOUT_S)
+        self.client = aioredis.Redis.from_url(
+            url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
+        )
         self.script = self.client.register_script(_SLIDING_LOG_LUA)
         self.fallback = LocalLimiter(limit, window_s)
         self.obs, self.down_until, self.where = obs, 0.0, _redacted(url)
@@ -119,12 +121,13 @@ class RedisLimiter:
         now = time.monotonic()
         if now >= self.down_until:
             try:
-                wait_us = await self.script(keys=[f"sentimentalyzer:ratelimit:{identity}"],
-                                            args=[self.limit, self.window_us, os.urandom(8).hex()])
+                wait_us = await self.script(
+                    keys=[f"sentimentalyzer:ratelimit:{identity}"],
+                    args=[self.limit, self.window_us, os.urandom(8).hex()],
+                )
             except (RedisError, OSError) as exc:
                 if self.down_until == 0.0:  # once per outage, not once per request
-                    log.warning("rate limit store %s unreachable (%s): limiting per process for now",
-                                self.where, exc)
+                    log.warning("rate limit store %s unreachable (%s): limiting per process for now", self.where, exc)
                 self.down_until = now + REDIS_RETRY_S
             else:
                 if self.down_until:
@@ -152,8 +155,9 @@ def make_limiter(settings: Settings, obs: Observability | None = None) -> Limite
 class Guard:
     """Pure ASGI middleware: 401 without a valid key, 429 past the rate limit, else the app."""
 
-    def __init__(self, app: ASGIApp, settings: Settings, obs: Observability | None = None,
-                 limiter: Limiter | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, settings: Settings, obs: Observability | None = None, limiter: Limiter | None = None
+    ) -> None:
         self.app = app
         self.digests = tuple(_digest(k.encode()) for k in settings.api_keys)
         self.limiter = limiter if limiter is not None else make_limiter(settings, obs)
@@ -167,19 +171,37 @@ class Guard:
         if self.digests:
             presented = _presented_keys(scope["headers"])
             if not presented:
-                return await _deny(scope, receive, send, 401, "missing API key: send 'Authorization: Bearer KEY'"
-                                   " or 'X-API-Key: KEY'", {"WWW-Authenticate": REALM})
+                return await _deny(
+                    scope,
+                    receive,
+                    send,
+                    401,
+                    "missing API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
+                    {"WWW-Authenticate": REALM},
+                )
             identity = self._identify(presented)
             if identity is None:
-                return await _deny(scope, receive, send, 401, "invalid API key",
-                                   {"WWW-Authenticate": f'{REALM}, error="invalid_token"'})
+                return await _deny(
+                    scope,
+                    receive,
+                    send,
+                    401,
+                    "invalid API key",
+                    {"WWW-Authenticate": f'{REALM}, error="invalid_token"'},
+                )
         if self.limiter is not None:
             client = scope.get("client")
             identity = identity or f"ip:{client[0] if client else 'unknown'}"
             wait_s = await self.limiter.acquire(identity)
             if wait_s > 0:
-                return await _deny(scope, receive, send, 429, f"rate limit exceeded: retry in {wait_s:.3f}s",
-                                   {"Retry-After": str(max(1, math.ceil(wait_s)))})
+                return await _deny(
+                    scope,
+                    receive,
+                    send,
+                    429,
+                    f"rate limit exceeded: retry in {wait_s:.3f}s",
+                    {"Retry-After": str(max(1, math.ceil(wait_s)))},
+                )
         await self.app(scope, receive, send)
 
     def _identify(self, presented: list[bytes]) -> str | None:
@@ -198,6 +220,7 @@ class Guard:
             if message["type"] == "lifespan.shutdown.complete" and self.limiter is not None:
                 await self.limiter.aclose()
             await send(message)
+
         return wrapped
 
 
@@ -223,6 +246,5 @@ def _redacted(url: str) -> str:
     return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else url
 
 
-async def _deny(scope: Scope, receive: Receive, send: Send, status: int, detail: str,
-                headers: dict[str, str]) -> None:
+async def _deny(scope: Scope, receive: Receive, send: Send, status: int, detail: str, headers: dict[str, str]) -> None:
     await JSONResponse({"detail": detail}, status_code=status, headers=headers)(scope, receive, send)

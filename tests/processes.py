@@ -6,18 +6,15 @@
 
 A missing binary skips the test and names the Debian package to install.
 """
+
 from __future__ import annotations
 
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,8 +22,7 @@ import pytest
 from harness.launch import ROOT, environ, free_port
 from harness.launch import Process as Proc
 
-__all__ = ["ROOT", "Proc", "eventually", "free_port", "need", "start", "start_nginx", "start_uvicorn",
-           "wait_until_ok"]
+__all__ = ["ROOT", "Proc", "eventually", "free_port", "need", "start", "start_nginx", "start_uvicorn", "wait_until_ok"]
 
 
 def need(binary: str, package: str) -> str:
@@ -67,15 +63,18 @@ def start_uvicorn(name: str, tmp: Path, app: str, env: dict[str, str], workers: 
 def nginx_config(tmp: Path, listen: int, upstreams: list[str]) -> Path:
     """deploy/nginx.conf itself, with test upstreams, port and log paths; fails if those lines moved."""
     servers = "\n        ".join(f"server {u} max_fails=3 fail_timeout=5s;" for u in upstreams)
-    temp = "".join(f"\n    {kind}_temp_path {tmp}/{kind};" for kind in ("client_body", "proxy", "fastcgi",
-                                                                        "uwsgi", "scgi"))
+    temp = "".join(
+        f"\n    {kind}_temp_path {tmp}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     text = (ROOT / "deploy" / "nginx.conf").read_text()
-    for pattern, replacement in ((r"server api1:8000[^;]*;\s*server api2:8000[^;]*;", servers),
-                                 (r"listen 8080;", f"listen 127.0.0.1:{listen};"),
-                                 (r"access_log /dev/stdout main;", f"access_log {tmp}/access.log main;"),
-                                 (r"error_log /dev/stderr warn;", f"error_log {tmp}/error.log info;"),
-                                 (r"\nhttp \{", "\nhttp {" + temp),
-                                 (r"\nuser nginx;", "\nuser root;" if os.geteuid() == 0 else "\n")):
+    for pattern, replacement in (
+        (r"server api1:8000[^;]*;\s*server api2:8000[^;]*;", servers),
+        (r"listen 8080;", f"listen 127.0.0.1:{listen};"),
+        (r"access_log /dev/stdout main;", f"access_log {tmp}/access.log main;"),
+        (r"error_log /dev/stderr warn;", f"error_log {tmp}/error.log info;"),
+        (r"\nhttp \{", "\nhttp {" + temp),
+        (r"\nuser nginx;", "\nuser root;" if os.geteuid() == 0 else "\n"),
+    ):
         text, n = re.subn(pattern, lambda _: replacement, text)
         assert n == 1, f"deploy/nginx.conf no longer has {pattern!r}"
     path = tmp / "nginx.conf"
@@ -89,8 +88,12 @@ def start_nginx(tmp: Path, upstreams: list[str]) -> tuple[Proc, str]:
     port = free_port()
     conf = nginx_config(tmp, port, upstreams)
     main = f"daemon off; pid {tmp}/nginx.pid;"
-    checked = subprocess.run([binary, "-t", "-p", str(tmp), "-e", f"{tmp}/error.log", "-c", str(conf), "-g", main],
-                             capture_output=True, text=True, timeout=30)
+    checked = subprocess.run(
+        [binary, "-t", "-p", str(tmp), "-e", f"{tmp}/error.log", "-c", str(conf), "-g", main],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert checked.returncode == 0, checked.stderr
     proc = start("nginx", [binary, "-p", str(tmp), "-e", f"{tmp}/error.log", "-c", str(conf), "-g", main], tmp)
     wait_until_ok(proc, f"http://127.0.0.1:{port}/nginx-health", 20)

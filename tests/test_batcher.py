@@ -5,6 +5,7 @@
 No timing assertions: batch boundaries are made deterministic with a huge max wait (the first
 n-1 items stay pending until the n-th fills the batch) or with a gate that holds the worker.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -12,8 +13,7 @@ import threading
 
 import pytest
 
-from batcher import (BatchError, BatcherStopped, DeadlineExceeded, DynamicBatcher, QueueFull,
-                     retry_after_header)
+from batcher import BatchError, BatcherStopped, DeadlineExceeded, DynamicBatcher, QueueFull, retry_after_header
 from tests.conftest import StubModel
 
 pytestmark = pytest.mark.anyio

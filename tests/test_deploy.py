@@ -6,6 +6,7 @@ No Docker engine runs here, so images are neither built nor started: the compose
 YAML (and with `docker compose config` or `docker-compose config` when a client is installed), and
 nginx.conf is run for real by tests/test_scaleout.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,9 +41,18 @@ async def test_dashboard_queries_only_metrics_the_servers_export(settings: Setti
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     used = {name for e in exprs for name in re.findall(r"\bsentimentalyzer_\w+", e)}
     assert used - exported == set()
-    for needed in ("requests_total", "request_latency_seconds_bucket", "batch_size_bucket",
-                   "queue_wait_seconds_bucket", "compute_seconds_bucket", "queue_depth", "real_tokens_total",
-                   "computed_tokens_total", "dropped_total", "ready"):
+    for needed in (
+        "requests_total",
+        "request_latency_seconds_bucket",
+        "batch_size_bucket",
+        "queue_wait_seconds_bucket",
+        "compute_seconds_bucket",
+        "queue_depth",
+        "real_tokens_total",
+        "computed_tokens_total",
+        "dropped_total",
+        "ready",
+    ):
         assert f"sentimentalyzer_{needed}" in used, needed
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
     assert all(e.count("(") == e.count(")") for e in exprs)
@@ -95,6 +105,7 @@ def test_compose_file_passes_the_compose_client() -> None:
     client = compose_client()
     if client is None:
         pytest.skip("no compose client (docker compose plugin or Debian's docker-compose): YAML checks only")
-    checked = subprocess.run([*client, "-f", str(DEPLOY / "docker-compose.yml"), "config", "-q"],
-                             capture_output=True, text=True, timeout=60)
+    checked = subprocess.run(
+        [*client, "-f", str(DEPLOY / "docker-compose.yml"), "config", "-q"], capture_output=True, text=True, timeout=60
+    )
     assert checked.returncode == 0, checked.stderr

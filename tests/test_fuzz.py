@@ -11,6 +11,7 @@
 3. A fixed battery of malformed requests, each answered with exactly the status of the spec's table
    (../shared/SPEC.md) and a JSON body {"detail": ...}.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -24,7 +25,8 @@ from contextlib import contextmanager
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, Phase, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.python import asgi
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
@@ -40,13 +42,22 @@ SERVERS = {"batched": batched_server, "naive": naive_server}
 
 # ------------------------------------------------------------------------------- batcher invariants
 
-CONFIGS = st.fixed_dictionaries({
-    "max_batch_size": st.integers(1, 8), "max_queue": st.integers(1, 12),
-    "max_wait_s": st.sampled_from([0.0, 0.001]), "timeout_s": st.sampled_from([None, 0.001, 0.004, 0.05])})
-OPS = st.lists(st.one_of(
-    st.tuples(st.just("submit"), st.booleans()),            # True: this item makes its batch raise
-    st.tuples(st.just("cancel"), st.integers(0, 1000)),     # cancel the k-th accepted item (mod count)
-    st.tuples(st.just("sleep"), st.sampled_from([0.0, 0.0005, 0.003]))), max_size=60)
+CONFIGS = st.fixed_dictionaries(
+    {
+        "max_batch_size": st.integers(1, 8),
+        "max_queue": st.integers(1, 12),
+        "max_wait_s": st.sampled_from([0.0, 0.001]),
+        "timeout_s": st.sampled_from([None, 0.001, 0.004, 0.05]),
+    }
+)
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("submit"), st.booleans()),  # True: this item makes its batch raise
+        st.tuples(st.just("cancel"), st.integers(0, 1000)),  # cancel the k-th accepted item (mod count)
+        st.tuples(st.just("sleep"), st.sampled_from([0.0, 0.0005, 0.003])),
+    ),
+    max_size=60,
+)
 
 
 async def _run_schedule(config: dict, ops: list[tuple[str, object]]) -> None:
@@ -117,6 +128,7 @@ def watchdog(seconds: float) -> Iterator[None]:
     def fire(_signum: int, _frame: object) -> None:
         fired.append(f"no progress within {seconds} s: the event loop is spinning or stuck")
         raise Livelock(fired[0])
+
     previous = signal.signal(signal.SIGALRM, fire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
@@ -134,8 +146,12 @@ def watchdog(seconds: float) -> Iterator[None]:
 
 # No shrinking: a livelocked example costs the whole watchdog, and hundreds of them would not fit
 # the time this file may take; the failing schedule is printed as generated.
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow],
-          phases=(Phase.explicit, Phase.reuse, Phase.generate))
+@settings(
+    max_examples=400,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    phases=(Phase.explicit, Phase.reuse, Phase.generate),
+)
 @given(config=CONFIGS, ops=OPS)
 def test_batcher_invariants_under_random_schedules(config: dict, ops: list[tuple[str, object]]) -> None:
     try:
@@ -147,16 +163,21 @@ def test_batcher_invariants_under_random_schedules(config: dict, ops: list[tuple
 
 
 @settings(max_examples=300, deadline=None)
-@given(lengths=st.lists(st.integers(1, 512), max_size=80), policy=st.sampled_from(("cost", "tokens", "pad")),
-       max_tokens=st.integers(1, 8192),
-       coef=st.tuples(st.floats(0, 0.05), st.floats(0, 1e-3), st.floats(0, 1e-5)))
-def test_length_groups_cover_every_text_once(lengths: list[int], policy: str, max_tokens: int,
-                                             coef: tuple[float, float, float]) -> None:
+@given(
+    lengths=st.lists(st.integers(1, 512), max_size=80),
+    policy=st.sampled_from(("cost", "tokens", "pad")),
+    max_tokens=st.integers(1, 8192),
+    coef=st.tuples(st.floats(0, 0.05), st.floats(0, 1e-3), st.floats(0, 1e-5)),
+)
+def test_length_groups_cover_every_text_once(
+    lengths: list[int], policy: str, max_tokens: int, coef: tuple[float, float, float]
+) -> None:
     """plan_groups only splits what was taken: every text lands in exactly one pass of this take,
     so a long text never waits behind short ones for a later batch, whatever the cost model says."""
     fixed, per_token, per_attn = coef
-    groups = plan_groups(lengths, policy, max_tokens, lambda n, length: fixed + per_token * n * length
-                         + per_attn * n * length * length)
+    groups = plan_groups(
+        lengths, policy, max_tokens, lambda n, length: fixed + per_token * n * length + per_attn * n * length * length
+    )
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
     assert all(g for g in groups)
     assert all([lengths[i] for i in g] == sorted(lengths[i] for i in g) for g in groups)
@@ -169,6 +190,7 @@ def test_an_item_dropped_while_queued_does_not_livelock_the_consumer(max_batch_s
     """Found by the test above. `_take` skips a cancelled item before its done callback has taken it out
     of the live count; when `_collect` then has no reason to wait (max_wait_s=0, or a stale count at
     max_batch_size), the consumer loops without ever yielding, and the whole event loop hangs."""
+
     async def scenario() -> int:
         b = DynamicBatcher(StubModel(), max_batch_size=max_batch_size, max_wait_s=max_wait_s)
         await b.start()
@@ -185,11 +207,11 @@ def test_an_item_dropped_while_queued_does_not_livelock_the_consumer(max_batch_s
 
 # -------------------------------------------------------------------------------------- schemathesis
 
+
 def _schema(kind: str) -> schemathesis.BaseSchema:
     # The schema is static: building the app does not load a model (that happens in its lifespan).
     schema = schemathesis.openapi.from_dict(SERVERS[kind].create_app(Settings()).openapi())
-    schema.config.generation.update(modes=[schemathesis.GenerationMode.POSITIVE,
-                                           schemathesis.GenerationMode.NEGATIVE])
+    schema.config.generation.update(modes=[schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE])
     return schema
 
 
@@ -206,8 +228,7 @@ def asgi_clients(tiny_model_dir: str):
 
 def _check(case, client) -> None:
     response = case.call(session=client, base_url=f"http://{asgi.HOST}")
-    case.validate_response(response, checks=[not_a_server_error, response_schema_conformance,
-                                             content_type_conformance])
+    case.validate_response(response, checks=[not_a_server_error, response_schema_conformance, content_type_conformance])
     if response.status_code >= 400:
         assert "detail" in response.json(), response.text
 
@@ -285,15 +306,23 @@ async def _streamed(total: int, chunk: int = 64 * 1024):
 async def test_malformed_requests_get_the_spec_status_as_json(kind: str, settings: Settings) -> None:
     wrong: list[str] = []
     async with serving(SERVERS[kind].create_app(settings)) as client:
-        answers = [(name, status, await client.post(path, content=body, headers=headers))
-                   for name, path, body, headers, status in BATTERY]
-        answers += [("streamed body over 1 MiB (no Content-Length)", 413,
-                     await client.post("/predict", content=_streamed(2 << 20), headers=J)),
-                    ("GET on a POST route", 405, await client.get("/predict")),
-                    ("unknown path", 404, await client.post("/nope", json={"text": "a"}))]
+        answers = [
+            (name, status, await client.post(path, content=body, headers=headers))
+            for name, path, body, headers, status in BATTERY
+        ]
+        answers += [
+            (
+                "streamed body over 1 MiB (no Content-Length)",
+                413,
+                await client.post("/predict", content=_streamed(2 << 20), headers=J),
+            ),
+            ("GET on a POST route", 405, await client.get("/predict")),
+            ("unknown path", 404, await client.post("/nope", json={"text": "a"})),
+        ]
     for name, status, r in answers:
         body_ok = r.headers.get("content-type", "").startswith("application/json") and (
-            status == 200 or isinstance(r.json(), dict) and "detail" in r.json())
+            status == 200 or isinstance(r.json(), dict) and "detail" in r.json()
+        )
         if r.status_code != status or not body_ok:
             wrong.append(f"{name}: expected {status}, got {r.status_code} {r.text[:120]!r}")
     assert not wrong, "\n".join(wrong)

@@ -1,7 +1,8 @@
 """Both servers in-process (httpx ASGITransport + lifespan) on a tiny DistilBERT: every endpoint and error row.
 
-    pytest tests/test_http.py -q
+pytest tests/test_http.py -q
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,9 @@ async def test_predict_answers_per_the_contract(kind: str, settings: Settings) -
         assert ("batch_size" in body) == (kind == "batched")
         if kind == "batched":
             assert body["batch_size"] == 1 and r.headers["x-batch-size"] == "1"
-            assert {"queue", "tokenize", "infer"} <= {p.split(";")[0].strip() for p in
-                                                      r.headers["server-timing"].split(",")}
+            assert {"queue", "tokenize", "infer"} <= {
+                p.split(";")[0].strip() for p in r.headers["server-timing"].split(",")
+            }
 
 
 async def test_batch_endpoint_keeps_input_order(kind: str, settings: Settings) -> None:
@@ -70,6 +72,7 @@ async def test_health_ready_and_metrics(kind: str, settings: Settings) -> None:
 
 async def test_ready_is_503_outside_the_lifespan(kind: str, settings: Settings) -> None:
     import httpx
+
     app = SERVERS[kind](settings)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         assert (await c.get("/health")).status_code == 200
@@ -85,7 +88,7 @@ BAD_BODIES = [
     (b'{"txt": "hello"}', "missing field"),
     (b'{"text": ""}', "empty text"),
     (b'{"text": "  \\n\\t "}', "whitespace only"),
-    (b'[1, 2]', "not an object"),
+    (b"[1, 2]", "not an object"),
 ]
 
 
@@ -118,6 +121,7 @@ async def test_body_over_1_mib_is_413_json(kind: str, settings: Settings) -> Non
         async def chunks():  # no Content-Length: counted while streamed
             for _ in range(20):
                 yield b"a" * 65536
+
         r = await c.post("/predict", content=chunks(), headers={"content-type": "application/json"})
         assert r.status_code == 413 and "detail" in r.json()
 

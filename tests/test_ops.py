@@ -4,6 +4,7 @@
 
 Apps are the real servers on the tiny model from conftest, driven through httpx's ASGI transport.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,9 @@ import subprocess
 
 import httpx
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 import batched_server
@@ -29,8 +32,11 @@ GOOD = {"text": "I loved it"}
 
 def scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of a /metrics body, keyed by (sample name, sorted labels)."""
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def sample(metrics: dict, name: str, **labels: str) -> float:
@@ -63,8 +69,15 @@ async def test_metrics_count_requests_by_endpoint_and_status(server, settings: S
     assert 0 < sample(m, "sentimentalyzer_padding_efficiency") <= 1
     assert sample(m, "sentimentalyzer_ready") == 1
     names = metric_names(response.text)
-    for name in ("queue_wait_seconds_bucket", "compute_seconds_count", "queue_depth", "dropped_total",
-                 "real_tokens_total", "computed_tokens_total", "ratelimit_fallback_total"):
+    for name in (
+        "queue_wait_seconds_bucket",
+        "compute_seconds_count",
+        "queue_depth",
+        "dropped_total",
+        "real_tokens_total",
+        "computed_tokens_total",
+        "ratelimit_fallback_total",
+    ):
         assert f"sentimentalyzer_{name}" in names
     if server is batched_server:
         assert sample(m, "sentimentalyzer_queue_wait_seconds_count") >= 5
@@ -85,8 +98,9 @@ async def test_batched_answers_carry_batch_size_timing_and_request_id(settings: 
 
 
 @pytest.mark.parametrize("log_format", ["json", "text"])
-async def test_one_log_line_per_request_carrying_its_id(log_format: str, settings: Settings,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+async def test_one_log_line_per_request_carrying_its_id(
+    log_format: str, settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
     app = batched_server.create_app(settings.replace(log_format=log_format, api_keys=(KEY,)))
     async with serving(app) as client:
         capsys.readouterr()
@@ -97,19 +111,28 @@ async def test_one_log_line_per_request_carrying_its_id(log_format: str, setting
     assert len(lines) == 2, err
     if log_format == "json":
         records = [json.loads(line) for line in lines]
-        assert [(r["request_id"], r["path"], r["status"]) for r in records] == \
-            [("rid-ok", "/predict", 200), ("rid-denied", "/predict", 401)]
+        assert [(r["request_id"], r["path"], r["status"]) for r in records] == [
+            ("rid-ok", "/predict", 200),
+            ("rid-denied", "/predict", 401),
+        ]
         assert all(r["latency_ms"] >= 0 and r["level"] == "INFO" for r in records)
     else:
         assert "[rid-ok] POST /predict 200" in lines[0] and "[rid-denied] POST /predict 401" in lines[1]
 
 
 def auth_cases() -> list[tuple[dict[str, str], int]]:
-    return [({}, 401), ({"X-API-Key": "wrong"}, 401), ({"Authorization": f"Bearer {KEY}x"}, 401),
-            ({"Authorization": f"Basic {KEY}"}, 401), ({"X-API-Key": KEY[:-1]}, 401),
-            ({"X-API-Key": KEY}, 200), ({"Authorization": f"Bearer {KEY}"}, 200),
-            ({"Authorization": f"bearer  {KEY} "}, 200), ({"X-API-Key": "other-key"}, 200),
-            ({"Authorization": "Bearer wrong", "X-API-Key": KEY}, 200)]
+    return [
+        ({}, 401),
+        ({"X-API-Key": "wrong"}, 401),
+        ({"Authorization": f"Bearer {KEY}x"}, 401),
+        ({"Authorization": f"Basic {KEY}"}, 401),
+        ({"X-API-Key": KEY[:-1]}, 401),
+        ({"X-API-Key": KEY}, 200),
+        ({"Authorization": f"Bearer {KEY}"}, 200),
+        ({"Authorization": f"bearer  {KEY} "}, 200),
+        ({"X-API-Key": "other-key"}, 200),
+        ({"Authorization": "Bearer wrong", "X-API-Key": KEY}, 200),
+    ]
 
 
 async def test_api_keys_guard_every_endpoint_but_probes(settings: Settings) -> None:
@@ -130,8 +153,9 @@ async def test_api_keys_guard_every_endpoint_but_probes(settings: Settings) -> N
 async def test_rate_limit_per_key_answers_429_with_retry_after(settings: Settings) -> None:
     app = batched_server.create_app(settings.replace(api_keys=(KEY, "other-key"), rate_limit="3/minute"))
     async with serving(app) as client:
-        statuses = [(await client.post("/predict", json=GOOD, headers={"X-API-Key": KEY})).status_code
-                    for _ in range(4)]
+        statuses = [
+            (await client.post("/predict", json=GOOD, headers={"X-API-Key": KEY})).status_code for _ in range(4)
+        ]
         limited = await client.get("/metrics", headers={"X-API-Key": KEY})
         other = await client.post("/predict", json=GOOD, headers={"X-API-Key": "other-key"})
         probes = [(await client.get("/health")).status_code for _ in range(5)]
@@ -145,16 +169,19 @@ async def test_rate_limit_per_key_answers_429_with_retry_after(settings: Setting
 async def test_without_keys_the_limit_is_per_client_address(settings: Settings) -> None:
     app = batched_server.create_app(settings.replace(rate_limit="2/s"))
     async with app.router.lifespan_context(app):
+
         async def statuses(address: str) -> list[int]:
             transport = httpx.ASGITransport(app=app, client=(address, 50000))
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
                 return [(await client.post("/predict", json=GOOD)).status_code for _ in range(3)]
+
         assert await statuses("10.0.0.1") == [200, 200, 429]
         assert await statuses("10.0.0.2") == [200, 200, 429]
 
 
-async def test_unreachable_redis_falls_back_to_limits_per_process(settings: Settings,
-                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+async def test_unreachable_redis_falls_back_to_limits_per_process(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
     closed = "redis://127.0.0.1:1/0"  # port 1: connection refused at once
     app = batched_server.create_app(settings.replace(rate_limit="2/minute", redis_url=closed))
     async with serving(app) as client:
@@ -200,8 +227,9 @@ def test_exposition_forgets_live_gauges_of_exited_workers(tmp_path) -> None:
             (tmp_path / f"gauge_livesum_{pid}.db").write_bytes(b"")
         (tmp_path / f"counter_{exited.pid}.db").write_bytes(b"")
         forget_dead_workers(str(tmp_path))
-        assert sorted(p.name for p in tmp_path.iterdir()) == \
-            sorted([f"counter_{exited.pid}.db", f"gauge_livesum_{live.pid}.db"])  # counters outlive workers
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [f"counter_{exited.pid}.db", f"gauge_livesum_{live.pid}.db"]
+        )  # counters outlive workers
     finally:
         live.kill()
         live.wait()

@@ -5,6 +5,7 @@
 Same label, score within 1e-4 (fp32), for texts of very different lengths, over 512 tokens,
 unicode and emoji, under every batching policy, and for the stand-in (the real architecture).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -68,5 +69,7 @@ def test_plan_groups_covers_every_item_once() -> None:
         assert sorted(i for g in groups for i in g) == list(range(len(lengths))), policy
     assert plan_groups(lengths, "cost", 600, flat_cost) == [sorted(range(10), key=lambda i: lengths[i])]
     assert all(len({lengths[i] for i in g}) == 1 for g in plan_groups(lengths, "cost", 600, token_cost))
-    assert all(len(g) * max(lengths[i] for i in g) <= 600 or len(g) == 1
-               for g in plan_groups(lengths, "tokens", 600, flat_cost))
+    assert all(
+        len(g) * max(lengths[i] for i in g) <= 600 or len(g) == 1
+        for g in plan_groups(lengths, "tokens", 600, flat_cost)
+    )

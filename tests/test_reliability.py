@@ -9,6 +9,7 @@ makes every batch slow, so queues build up with a tiny model. Nothing in product
 What "never computed" means is read from the server's own /metrics: the batch-size histogram's
 sum counts every item that went through the model.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -102,12 +103,36 @@ def fault_app() -> FastAPI:
 
 # ------------------------------------------------------------------------------------------ harness
 
+
 def _command(launcher: str, port: int, workers: int) -> list[str]:
     if launcher == "gunicorn":  # its master closes the listening socket before it signals the workers
-        return [sys.executable, "-m", "gunicorn", "-k", "uvicorn.workers.UvicornWorker", "-w", str(workers),
-                "-b", f"127.0.0.1:{port}", "--graceful-timeout", "30", "tests.test_reliability:fault_app()"]
-    return [sys.executable, "-m", "uvicorn", "--factory", "tests.test_reliability:fault_app",
-            "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
+        return [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-k",
+            "uvicorn.workers.UvicornWorker",
+            "-w",
+            str(workers),
+            "-b",
+            f"127.0.0.1:{port}",
+            "--graceful-timeout",
+            "30",
+            "tests.test_reliability:fault_app()",
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "tests.test_reliability:fault_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
 
 
 @dataclass
@@ -125,8 +150,9 @@ def running(model_dir: str, tmp: Path, launcher: str = "uvicorn", workers: int =
     """The fault app served and ready; on exit the process and all it spawned are gone, whatever happened."""
     port = free_port()
     environ = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    environ.update(MODEL_ID=model_dir, MODEL_FALLBACK="0", DEVICE="cpu", OMP_NUM_THREADS="1",
-                   **{k: str(v) for k, v in env.items()})
+    environ.update(
+        MODEL_ID=model_dir, MODEL_FALLBACK="0", DEVICE="cpu", OMP_NUM_THREADS="1", **{k: str(v) for k, v in env.items()}
+    )
     proc = start(f"{launcher}-{port}", _command(launcher, port, workers), tmp, environ)
     try:
         wait_until_ok(proc, f"http://127.0.0.1:{port}/ready")
@@ -190,8 +216,15 @@ STALL_S = 5.0  # the fault server's STALL_S; every test but the stall test holds
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with running(tiny_model_dir, tmp_path_factory.mktemp("reliability"), MAX_QUEUE=4, MAX_BATCH_SIZE=8,
-                 MAX_WAIT_MS=0, REQUEST_TIMEOUT_MS=1000, FAULT_STALL_S=STALL_S) as s:
+    with running(
+        tiny_model_dir,
+        tmp_path_factory.mktemp("reliability"),
+        MAX_QUEUE=4,
+        MAX_BATCH_SIZE=8,
+        MAX_WAIT_MS=0,
+        REQUEST_TIMEOUT_MS=1000,
+        FAULT_STALL_S=STALL_S,
+    ) as s:
         yield s
 
 
@@ -267,8 +300,9 @@ async def _status(request, status: int) -> bool:
 async def test_oversized_bodies_are_refused_on_the_wire(server: Server) -> None:
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
         # declared over 1 MiB and never sent: answered at once, without waiting for the body
-        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 2097152\r\n\r\n")
+        s.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2097152\r\n\r\n"
+        )
         head = b""
         while b'"detail"' not in head and (chunk := s.recv(65536)):
             head += chunk
@@ -277,6 +311,7 @@ async def test_oversized_bodies_are_refused_on_the_wire(server: Server) -> None:
     async def chunks():
         for _ in range(32):
             yield b"x" * 65536
+
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
         r = await c.post("/predict", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413 and "detail" in r.json()
@@ -300,20 +335,31 @@ async def test_a_dead_worker_answers_every_caller_and_turns_ready_503(tiny_model
             assert dying.result().status_code >= 500 and "detail" in dying.result().json()
 
 
-LAUNCHERS = [pytest.param(("uvicorn", 1), id="uvicorn"),
-             pytest.param(("uvicorn", 2), id="uvicorn-workers-2"),
-             pytest.param(("gunicorn", 2), id="gunicorn-workers-2")]
+LAUNCHERS = [
+    pytest.param(("uvicorn", 1), id="uvicorn"),
+    pytest.param(("uvicorn", 2), id="uvicorn-workers-2"),
+    pytest.param(("gunicorn", 2), id="gunicorn-workers-2"),
+]
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 async def test_sigterm_finishes_every_accepted_request_refuses_new_ones_and_exits(
-        launcher: tuple[str, int], tiny_model_dir: str, tmp_path: Path) -> None:
+    launcher: tuple[str, int], tiny_model_dir: str, tmp_path: Path
+) -> None:
     kind, workers = launcher
     if kind == "gunicorn":
         pytest.importorskip("gunicorn")
     n = 60  # 100 ms a batch of 2: a drain of ~3 s on one worker, long enough to probe during it
-    with running(tiny_model_dir, tmp_path, kind, workers, MAX_BATCH_SIZE=2, MAX_WAIT_MS=0,
-                 FAULT_BATCH_DELAY_MS=100, REQUEST_TIMEOUT_MS=60_000) as srv:
+    with running(
+        tiny_model_dir,
+        tmp_path,
+        kind,
+        workers,
+        MAX_BATCH_SIZE=2,
+        MAX_WAIT_MS=0,
+        FAULT_BATCH_DELAY_MS=100,
+        REQUEST_TIMEOUT_MS=60_000,
+    ) as srv:
         limits = httpx.Limits(max_connections=n + 10, max_keepalive_connections=0)
         async with httpx.AsyncClient(base_url=srv.url, timeout=60, limits=limits) as c:
             pending = [asyncio.ensure_future(c.post("/predict", json={"text": f"accepted {i}"})) for i in range(n)]
@@ -330,8 +376,10 @@ async def test_sigterm_finishes_every_accepted_request_refuses_new_ones_and_exit
     assert [getattr(a, "status_code", repr(a)) for a in answers] == [200] * n
     assert code in (0, -signal.SIGTERM), f"exit status {code}"
     if (kind, workers) == ("uvicorn", 2) and not refused_while_draining:
-        pytest.xfail("uvicorn's --workers supervisor keeps the listening socket open while its workers drain: "
-                     "new connections wait in the backlog and are reset at exit (run multi-worker under gunicorn)")
+        pytest.xfail(
+            "uvicorn's --workers supervisor keeps the listening socket open while its workers drain: "
+            "new connections wait in the backlog and are reset at exit (run multi-worker under gunicorn)"
+        )
     assert refused_while_draining, "new connections were not refused while the server drained"
 
 

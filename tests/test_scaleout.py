@@ -8,6 +8,7 @@ LOG_FORMAT=json; both with API_KEYS, RATE_LIMIT and REDIS_URL; nginx running dep
 both. Tests that need a binary skip with the Debian package to install. The last test stops replica
 B, so it stays last. Every process is started in its own session and killed in teardown.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,10 +36,17 @@ LIMIT = 40  # per key per hour: a test never waits out a window, so counts are e
 TEXT = {"text": "I loved it"}
 
 
-def start_replica(name: str, tmp: Path, model_dir: str, redis_url: str, workers: int = 1,
-                  **env: str) -> tuple[Proc, str]:
-    env.update(MODEL_ID=model_dir, MODEL_FALLBACK="0", DEVICE="cpu", API_KEYS=",".join(KEYS),
-               RATE_LIMIT=f"{LIMIT}/hour", REDIS_URL=redis_url)
+def start_replica(
+    name: str, tmp: Path, model_dir: str, redis_url: str, workers: int = 1, **env: str
+) -> tuple[Proc, str]:
+    env.update(
+        MODEL_ID=model_dir,
+        MODEL_FALLBACK="0",
+        DEVICE="cpu",
+        API_KEYS=",".join(KEYS),
+        RATE_LIMIT=f"{LIMIT}/hour",
+        REDIS_URL=redis_url,
+    )
     return start_uvicorn(name, tmp, "batched_server:app", env, workers)
 
 
@@ -57,8 +65,11 @@ class Cluster:
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     binary = need("redis-server", "redis-server")
     port = free_port()
-    proc = start("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no"], tmp_path_factory.mktemp("redis"))
+    proc = start(
+        "redis",
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        tmp_path_factory.mktemp("redis"),
+    )
     client = redis.Redis(port=port, socket_timeout=1)
     try:
         for _ in range(100):
@@ -82,8 +93,9 @@ def cluster(redis_url: str, tiny_model_dir: str, tmp_path_factory: pytest.TempPa
     metrics_dir.mkdir()
     procs: list[Proc] = []
     try:
-        a, a_url = start_replica("replica-a", tmp, tiny_model_dir, redis_url, workers=2,
-                                 PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+        a, a_url = start_replica(
+            "replica-a", tmp, tiny_model_dir, redis_url, workers=2, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir)
+        )
         procs.append(a)
         b, b_url = start_replica("replica-b", tmp, tiny_model_dir, redis_url, LOG_FORMAT="json")
         procs.append(b)
@@ -98,8 +110,9 @@ def cluster(redis_url: str, tiny_model_dir: str, tmp_path_factory: pytest.TempPa
 @pytest.fixture(scope="module")
 def nginx_url(cluster: Cluster) -> Iterator[str]:
     """deploy/nginx.conf in front of replicas A and B."""
-    nginx, url = start_nginx(cluster.tmp / "nginx", [cluster.a_url.removeprefix("http://"),
-                                                     cluster.b_url.removeprefix("http://")])
+    nginx, url = start_nginx(
+        cluster.tmp / "nginx", [cluster.a_url.removeprefix("http://"), cluster.b_url.removeprefix("http://")]
+    )
     try:
         yield url
     finally:
@@ -122,8 +135,9 @@ def health_by_worker(metrics_dir: Path, tmp: Path) -> dict[int, float]:
         shutil.copy(db, alone / db.name)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, str(alone))
-        counts[pid] = registry.get_sample_value("sentimentalyzer_requests_total",
-                                                {"endpoint": "/health", "status": "200"}) or 0.0
+        counts[pid] = (
+            registry.get_sample_value("sentimentalyzer_requests_total", {"endpoint": "/health", "status": "200"}) or 0.0
+        )
     return counts
 
 
@@ -164,8 +178,12 @@ def test_log_lines_carry_request_ids_in_text_and_json(cluster: Cluster) -> None:
 def test_rate_limit_is_shared_by_every_process_through_redis(cluster: Cluster) -> None:
     statuses, last = [], None
     for i in range(LIMIT + 10):  # alternate replica A (two workers) and replica B: three processes
-        last = httpx.post(f"{(cluster.a_url, cluster.b_url)[i % 2]}/predict", json=TEXT,
-                          headers={"Authorization": "Bearer k-shared"}, timeout=10)
+        last = httpx.post(
+            f"{(cluster.a_url, cluster.b_url)[i % 2]}/predict",
+            json=TEXT,
+            headers={"Authorization": "Bearer k-shared"},
+            timeout=10,
+        )
         statuses.append(last.status_code)
     assert statuses == [200] * LIMIT + [429] * 10
     assert last is not None and 3500 <= int(last.headers["Retry-After"]) <= 3600
@@ -186,13 +204,18 @@ def test_nginx_round_robins_over_both_replicas(cluster: Cluster, nginx_url: str)
     at_limit = httpx.post(f"{nginx_url}/predict", content=b"x" * (1 << 20), timeout=10)
     assert at_limit.status_code == 401  # refused by a replica before it read the body: not a replica failure
     for size in ((1 << 20) + 1, 3_000_000):  # nginx enforces the app's limit itself, in the app's JSON
-        big = httpx.post(f"{nginx_url}/predict", content=b"x" * size, timeout=10,
-                         headers={"X-API-Key": "k-nginx", "Content-Type": "application/json"})
+        big = httpx.post(
+            f"{nginx_url}/predict",
+            content=b"x" * size,
+            timeout=10,
+            headers={"X-API-Key": "k-nginx", "Content-Type": "application/json"},
+        )
         assert big.status_code == 413 and big.json()["detail"] == "request body over 1048576 bytes"
 
 
 class NotReady(BaseHTTPRequestHandler):
     """A replica that is up but not ready: 503 to everything, as the app answers before warm-up."""
+
     hits = 0
 
     def do_POST(self) -> None:
@@ -200,8 +223,11 @@ class NotReady(BaseHTTPRequestHandler):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         body = b'{"detail": "model not ready"}'
         self.send_response(503)
-        for name, value in (("Content-Type", "application/json"), ("Retry-After", "1"),
-                            ("Content-Length", str(len(body)))):
+        for name, value in (
+            ("Content-Type", "application/json"),
+            ("Retry-After", "1"),
+            ("Content-Length", str(len(body))),
+        ):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
@@ -213,11 +239,14 @@ class NotReady(BaseHTTPRequestHandler):
 def test_nginx_skips_a_replica_that_is_not_ready(cluster: Cluster) -> None:
     stub = ThreadingHTTPServer(("127.0.0.1", 0), NotReady)
     threading.Thread(target=stub.serve_forever, daemon=True).start()
-    nginx, url = start_nginx(cluster.tmp / "nginx-stub", [cluster.a_url.removeprefix("http://"),
-                                                          f"127.0.0.1:{stub.server_address[1]}"])
+    nginx, url = start_nginx(
+        cluster.tmp / "nginx-stub", [cluster.a_url.removeprefix("http://"), f"127.0.0.1:{stub.server_address[1]}"]
+    )
     try:
-        statuses = [httpx.post(f"{url}/predict", json=TEXT, headers={"X-API-Key": "k-stub"}, timeout=10).status_code
-                    for _ in range(6)]
+        statuses = [
+            httpx.post(f"{url}/predict", json=TEXT, headers={"X-API-Key": "k-stub"}, timeout=10).status_code
+            for _ in range(6)
+        ]
     finally:
         nginx.stop()
         stub.shutdown()
@@ -232,7 +261,9 @@ def test_stopping_a_replica_keeps_requests_succeeding(cluster: Cluster, nginx_ur
     # uvicorn re-raises the SIGTERM it handled once shut down, so -15 is a clean exit too
     assert cluster.b.popen.returncode in (0, -signal.SIGTERM), cluster.b.text()[-2000:]
     assert "Application shutdown complete" in cluster.b.text()
-    statuses = [httpx.post(f"{nginx_url}/predict", json=TEXT, headers={"X-API-Key": "k-failover"},
-                           timeout=10).status_code for _ in range(10)]
+    statuses = [
+        httpx.post(f"{nginx_url}/predict", json=TEXT, headers={"X-API-Key": "k-failover"}, timeout=10).status_code
+        for _ in range(10)
+    ]
     assert statuses == [200] * 10
     assert served_predictions(cluster.a_url) - before == 10

@@ -1,7 +1,8 @@
 """Real uvicorn + Locust: both servers on free ports, a few seconds of headless load, zero failures.
 
-    pytest tests/test_smoke.py -q
+pytest tests/test_smoke.py -q
 """
+
 from __future__ import annotations
 
 import csv
@@ -14,6 +15,7 @@ import pytest
 
 from harness.launch import ROOT, environ
 from harness.launch import Process as Proc
+
 
 @pytest.fixture
 def server(tiny_model_dir: str, tmp_path: Path) -> Iterator[Callable[[str], str]]:
@@ -32,12 +34,36 @@ def server(tiny_model_dir: str, tmp_path: Path) -> Iterator[Callable[[str], str]
 
 
 @pytest.mark.parametrize("module", ["naive_server", "batched_server"])
-def test_locust_headless_run_has_requests_and_no_failures(server: Callable[[str], str], module: str, tmp_path: Path) -> None:
+def test_locust_headless_run_has_requests_and_no_failures(
+    server: Callable[[str], str], module: str, tmp_path: Path
+) -> None:
     url = server(module)
     prefix = tmp_path / module
-    subprocess.run([sys.executable, "-m", "locust", "-f", "locustfile.py", "--headless", "-u", "8", "-r", "8",
-                    "-t", "4s", "--host", url, "--csv", str(prefix), "--only-summary"],
-                   cwd=ROOT, check=True, timeout=60, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            "locustfile.py",
+            "--headless",
+            "-u",
+            "8",
+            "-r",
+            "8",
+            "-t",
+            "4s",
+            "--host",
+            url,
+            "--csv",
+            str(prefix),
+            "--only-summary",
+        ],
+        cwd=ROOT,
+        check=True,
+        timeout=60,
+        capture_output=True,
+    )
     rows = {r["Name"]: r for r in csv.DictReader(open(f"{prefix}_stats.csv"))}
     total = rows["Aggregated"]
     assert int(total["Request Count"]) > 0

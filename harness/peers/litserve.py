@@ -35,8 +35,9 @@ class SentimentAPI(ls.LitAPI):
     def predict(self, texts: list[str]) -> list[dict[str, Any]]:
         e = self.engine
         enc = e.tokenizer(texts, padding=True, truncation=True, max_length=512, return_tensors="pt")
-        logits = e.model(input_ids=enc["input_ids"].to(e.device),
-                         attention_mask=enc["attention_mask"].to(e.device)).logits
+        logits = e.model(
+            input_ids=enc["input_ids"].to(e.device), attention_mask=enc["attention_mask"].to(e.device)
+        ).logits
         probs = logits.float().softmax(-1).cpu()
         best = probs.argmax(-1).tolist()
         return [{"label": self.labels[b], "score": float(probs[i, b])} for i, b in enumerate(best)]
