@@ -2,151 +2,163 @@
 
     uvicorn batched_server:app --port 8001
     MAX_BATCH_SIZE=32 MAX_WAIT_MS=5 uvicorn batched_server:app --port 8001
+    BACKEND=onnx DTYPE=int8 uvicorn batched_server:app --port 8001
 
-Each request becomes one item of a `DynamicBatcher` (batcher.py). Its worker thread owns the model:
-it tokenizes every text it takes in one call, splits them into length groups (model.plan_groups)
-and pads each group only to its own longest text, never to 512. Answers carry `batch_size`, and
-the headers `X-Batch-Size` and `Server-Timing` (queue, tokenize, infer). On SIGTERM uvicorn stops
-accepting, in-flight requests finish, then the lifespan drains whatever is still queued.
+A request's texts are tokenized on arrival (in a thread of their own, off the event loop), so each
+becomes an item of a `DynamicBatcher` (batcher.py) that knows its token count. The batcher's worker
+thread owns the model. With a packed engine (PyTorch DistilBERT) one take is one padding-free pass of
+at most the calibrated token budget; with a padded one (ONNX Runtime) a take is split into length
+groups, each padded to its longest text on the length ladder (serving/engine.py). A request whose
+answer cannot come within REQUEST_TIMEOUT_MS, predicted from the tokens queued ahead at the measured
+rate, is refused at once (503 + Retry-After). Answers carry `batch_size`, and the headers
+`X-Batch-Size` and `Server-Timing` (queue, tokenize, infer). On SIGTERM uvicorn stops accepting,
+in-flight requests finish, then the lifespan drains the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
 
-from batcher import BatcherStopped, BatchInfo, DeadlineExceeded, DynamicBatcher, QueueFull, retry_after_header
-from serving.api import (
-    ApiError,
-    BatchedPredictResponse,
-    BatchRequest,
-    BatchResponse,
-    Label,
-    PredictRequest,
-    build_app,
-    check_texts,
-    require_ready,
-)
+from batcher import BatcherStopped, BatchInfo, DeadlineExceeded, Done, DynamicBatcher, QueueFull, retry_after_header
+from serving.api import ApiError
 from serving.model import Engine, PassStats, Prediction, load_engine, resolve_source
-from serving.ops import Observability, configure_logging
+from serving.ops import Observability
+from serving.service import create_app as create_service_app
 from serving.settings import Settings
 
 STALL_S = 120.0  # a batch computing longer than this means the worker is stuck: /ready turns 503
 
 
-@dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Job:
-    text: str
-    submitted: float  # perf_counter at submit
+    """One text, tokenized on arrival: the batcher budgets passes and the queue by its token count."""
+
+    ids: list[int]
+    tokenize_ms: float
 
 
-@dataclass(frozen=True, slots=True)
-class Served:
-    prediction: Prediction
-    queue_ms: float
+class BatchedService:
+    """Every text is an item of one DynamicBatcher; its worker thread is the only caller of the model."""
 
+    def __init__(self, settings: Settings, obs: Observability) -> None:
+        self.settings, self.obs = settings, obs
+        self.engine: Engine | None = None
+        self.batcher: DynamicBatcher[Job, Prediction] | None = None
+        # tokenization stays off the event loop and off the model's thread, so it overlaps a pass
+        self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
 
-def make_batch_fn(engine: Engine, obs: Observability):
-    """The function the worker thread runs on each taken batch."""
+    async def start(self) -> None:
+        s = self.settings
+        source = await asyncio.to_thread(resolve_source, s)
+        engine = await asyncio.to_thread(load_engine, s, source)
+        await asyncio.to_thread(engine.warmup)
+        self.engine = engine
+        self.batcher = DynamicBatcher(
+            self._run,
+            max_batch_size=s.max_batch_size,
+            max_wait_s=s.max_wait_s,
+            max_queue=s.max_queue,
+            timeout_s=s.request_timeout_s,
+            cost_of=lambda job: len(job.ids),
+            # packed: one take is one pass of at most the calibrated tokens; padded engines group a take
+            max_batch_cost=engine.max_pass_tokens if engine.packed is not None else None,
+            max_queue_cost=s.max_queue_tokens,
+            admit_by_deadline=True,
+            on_batch=self._on_batch,
+            on_drop=lambda reason: self.obs.dropped.labels(reason).inc(),
+            name="model",
+        )
+        await self.batcher.start()
 
-    def on_pass(p: PassStats) -> None:
-        obs.batch_size.observe(p.items)
-        obs.real_tokens.inc(p.real_tokens)
-        obs.computed_tokens.inc(p.computed_tokens)
+    def ready(self) -> bool:
+        b = self.batcher
+        return b is not None and b.accepting and b.healthy(STALL_S)
 
-    def run(jobs: list[Job]) -> list[Served]:
-        started = time.perf_counter()
-        preds = engine.predict([j.text for j in jobs], on_pass=on_pass)
-        return [Served(p, (started - j.submitted) * 1000) for p, j in zip(preds, jobs)]
+    def describe(self) -> dict[str, object]:
+        s = self.settings
+        info = self.engine.describe() if self.engine is not None else {}
+        batching = {
+            "max_batch_size": s.max_batch_size,
+            "max_wait_ms": s.max_wait_ms,
+            "max_queue": s.max_queue,
+            "request_timeout_ms": s.request_timeout_ms,
+            "batch_policy": "packed" if self.engine is not None and self.engine.packed else s.batch_policy,
+            "max_batch_tokens": self.engine.max_pass_tokens if self.engine is not None else s.max_batch_tokens,
+            "max_queue_tokens": s.max_queue_tokens,
+        }
+        return {**info, "batching": batching, "queue_depth": self.batcher.depth if self.batcher else 0}
 
-    return run
+    async def predict(self, request: Request, texts: list[str]) -> list[Prediction]:
+        """Queues every text, waits for all of them, and maps batcher outcomes to HTTP errors."""
+        batcher, engine = self.batcher, self.engine
+        assert batcher is not None and engine is not None  # routed only once ready
+        jobs = await asyncio.get_running_loop().run_in_executor(self._tokenizer, _tokenize, engine, texts)
+        futures: list[asyncio.Future[Done[Prediction]]] = []
+        try:
+            for job in jobs:
+                futures.append(batcher.submit_nowait(job))
+        except QueueFull as exc:
+            for f in futures:
+                f.cancel()
+            raise ApiError(503, f"server busy: {exc}", {"Retry-After": retry_after_header(exc.retry_after_s)}) from None
+        except BatcherStopped:
+            raise ApiError(503, "server shutting down", {"Retry-After": "1"}) from None
+        self.obs.queue_depth.set(batcher.depth)
+        try:
+            done = await _unless_disconnected(request, asyncio.gather(*futures))
+        except DeadlineExceeded as exc:
+            raise ApiError(504, f"request timed out in the queue: {exc}") from None
+        except BatcherStopped:
+            raise ApiError(503, "server shutting down", {"Retry-After": "1"}) from None
+        return [
+            dataclasses.replace(d.value, queue_ms=d.queue_wait_s * 1000, tokenize_ms=job.tokenize_ms)
+            for d, job in zip(done, jobs, strict=True)
+        ]
 
+    async def stop(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.stop()  # uvicorn has stopped accepting; finish everything still queued
+        self._tokenizer.shutdown(wait=True)
 
-def make_batcher(settings: Settings, engine: Engine, obs: Observability) -> DynamicBatcher[Job, Served]:
-    def on_batch(info: BatchInfo) -> None:
+    def _run(self, jobs: list[Job]) -> list[Prediction]:
+        """The batch function, on the worker thread."""
+        assert self.engine is not None
+        return self.engine.predict_ids([j.ids for j in jobs], on_pass=self._on_pass)
+
+    def _on_pass(self, p: PassStats) -> None:
+        self.obs.observe_pass(p.items, p.real_tokens, p.computed_tokens)
+
+    def _on_batch(self, info: BatchInfo) -> None:
         for wait in info.queue_waits_s:
-            obs.queue_wait.observe(wait)
-        obs.compute.observe(info.compute_s)
-        obs.queue_depth.set(batcher.depth)
-
-    batcher: DynamicBatcher[Job, Served] = DynamicBatcher(
-        make_batch_fn(engine, obs),
-        max_batch_size=settings.max_batch_size,
-        max_wait_s=settings.max_wait_s,
-        max_queue=settings.max_queue,
-        timeout_s=settings.request_timeout_s,
-        on_batch=on_batch,
-        on_drop=lambda reason: obs.dropped.labels(reason).inc(),
-        name="model",
-    )
-    return batcher
+            self.obs.queue_wait.observe(wait)
+        self.obs.compute.observe(info.compute_s)
+        self.obs.dispatch.labels(info.reason).inc()
+        self.obs.oldest_wait.observe(max(info.queue_waits_s))
+        if self.batcher is not None:
+            self.obs.queue_depth.set(self.batcher.depth)
 
 
-@asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    settings: Settings = app.state.settings
-    configure_logging(settings)
-    source = await asyncio.to_thread(resolve_source, settings)
-    engine = await asyncio.to_thread(load_engine, settings, source)
-    await asyncio.to_thread(engine.warmup)
-    batcher = make_batcher(settings, engine, app.state.obs)
-    await batcher.start()
-    app.state.engine, app.state.batcher = engine, batcher
-    app.state.is_ready = lambda: batcher.accepting and batcher.healthy(STALL_S)
-    app.state.ready_info = lambda: {
-        **engine.describe(),
-        "batching": {
-            "max_batch_size": settings.max_batch_size,
-            "max_wait_ms": settings.max_wait_ms,
-            "max_queue": settings.max_queue,
-            "request_timeout_ms": settings.request_timeout_ms,
-            "batch_policy": settings.batch_policy,
-            "max_batch_tokens": settings.max_batch_tokens,
-        },
-        "queue_depth": batcher.depth,
-    }
-    app.state.obs.ready.set(1)
-    try:
-        yield
-    finally:
-        app.state.obs.ready.set(0)
-        await batcher.stop()  # uvicorn has stopped accepting; finish everything still queued
+def _tokenize(engine: Engine, texts: list[str]) -> list[Job]:
+    t0 = time.perf_counter()
+    ids = engine.tokenize(texts)
+    ms = (time.perf_counter() - t0) * 1000 / len(texts)
+    return [Job(x, ms) for x in ids]
 
 
-async def _serve(request: Request, texts: list[str]) -> list[Served]:
-    """Queues every text, waits for all of them, and maps batcher outcomes to HTTP errors."""
-    batcher: DynamicBatcher[Job, Served] = request.app.state.batcher
-    now = time.perf_counter()
-    futures: list[asyncio.Future[Served]] = []
-    try:
-        for text in texts:
-            futures.append(batcher.submit_nowait(Job(text, now)))
-    except QueueFull as exc:
-        for f in futures:
-            f.cancel()
-        raise ApiError(503, f"server busy: {exc}", {"Retry-After": retry_after_header(exc.retry_after_s)}) from None
-    except BatcherStopped:
-        raise ApiError(503, "server shutting down", {"Retry-After": "1"}) from None
-    request.app.state.obs.queue_depth.set(batcher.depth)
-    gathered = asyncio.gather(*futures)
-    try:
-        return await _unless_disconnected(request, gathered)
-    except DeadlineExceeded as exc:
-        raise ApiError(504, f"request timed out in the queue: {exc}") from None
-    except BatcherStopped:
-        raise ApiError(503, "server shutting down", {"Retry-After": "1"}) from None
-
-
-async def _unless_disconnected(request: Request, work: asyncio.Future[list[Served]]) -> list[Served]:
+async def _unless_disconnected(
+    request: Request, work: asyncio.Future[list[Done[Prediction]]]
+) -> list[Done[Prediction]]:
     """Waits for work; if the client goes away first, cancels it so its items are never computed."""
     watcher = asyncio.ensure_future(_disconnected(request))
+    either: set[asyncio.Future[Any]] = {work, watcher}
     try:
-        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
     if not work.done():
@@ -162,38 +174,8 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def _timing(served: Served) -> str:
-    p = served.prediction
-    return f"queue;dur={served.queue_ms:.2f}, tokenize;dur={p.tokenize_ms:.2f}, infer;dur={p.infer_ms:.2f}"
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings.from_env()
-    app = build_app("batched", lifespan, settings)
-
-    @app.post("/predict")
-    async def predict(body: PredictRequest, request: Request, response: Response) -> BatchedPredictResponse:
-        started = time.perf_counter()
-        check_texts(require_ready(request), [body.text], batch=False)
-        served = (await _serve(request, [body.text]))[0]
-        p = served.prediction
-        response.headers["X-Batch-Size"] = str(p.batch_size)
-        response.headers["Server-Timing"] = _timing(served)
-        return BatchedPredictResponse(
-            label=p.label, score=p.score, batch_size=p.batch_size, latency_ms=(time.perf_counter() - started) * 1000
-        )
-
-    @app.post("/predict/batch")
-    async def predict_batch(body: BatchRequest, request: Request) -> BatchResponse:
-        started = time.perf_counter()
-        check_texts(require_ready(request), body.texts, batch=True)
-        served = await _serve(request, body.texts)
-        return BatchResponse(
-            predictions=[Label(label=s.prediction.label, score=s.prediction.score) for s in served],
-            latency_ms=(time.perf_counter() - started) * 1000,
-        )
-
-    return app
+    return create_service_app("batched", BatchedService, settings or Settings.from_env())
 
 
 app = create_app()

@@ -3,29 +3,37 @@
     batcher = DynamicBatcher(lambda texts: model(texts), max_batch_size=64, max_wait_s=0.002)
     await batcher.start()
     label = await batcher.submit("I loved it")       # one caller, one future
+    done = await batcher.submit_nowait("so dull")    # the same, with how it went:
+    done.value, done.queue_wait_s, done.batch_size   #   the result, time queued, items in its batch
     await batcher.stop()                             # refuses new items, finishes every queued one
 
 The batch function takes a list and returns a list of the same length, in order; it runs in the
 batcher's one worker thread, never on the event loop. When the worker is free, the batcher takes
-what is queued at once (up to max_batch_size); when that is less than a full batch, it waits for
-companions until the oldest taken item has waited max_wait_s, and no longer. Items arriving while
-a batch computes simply queue, so the next batch is gathered during the current one.
+what is queued at once, up to max_batch_size items and (with `cost_of`) max_batch_cost units, e.g.
+tokens. With less than a full batch it waits for companions, at most max_wait_s from when the
+worker became free, and only while another arrival is likely within max_wait_s (from the measured
+arrival rate): a lone caller at low load goes straight to the model. Items arriving while a batch
+computes queue, so the next batch is gathered during the current one.
 
-Per item: refused at once with QueueFull past max_queue (with a retry-after from the measured
-drain rate); answered DeadlineExceeded if still queued after timeout_s, and then never computed;
-skipped if its caller cancelled. If a batch raises, it is bisected and retried so only the items
-that fail get the error. No FastAPI, no torch: the server wires the hooks to its metrics.
+Per item: refused at once with QueueFull past max_queue items (or max_queue_cost units), or, with
+`admit_by_deadline`, when the queue ahead cannot be computed before its deadline at the measured
+rate (both carry a retry-after); answered DeadlineExceeded if still queued after timeout_s, and then
+never computed; skipped if its caller cancelled. If a batch raises, it is bisected and retried so
+only the items that fail get the error. No FastAPI, no torch: the server wires the hooks to metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import functools
+import itertools
 import math
+import statistics
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -33,11 +41,12 @@ R = TypeVar("R")
 
 
 class QueueFull(Exception):
-    """The queue holds max_queue items; retry_after_s estimates when there will be room."""
+    """No room, or no chance of an answer in time; retry_after_s estimates when there will be."""
 
-    def __init__(self, depth: int, retry_after_s: float) -> None:
-        super().__init__(f"queue full ({depth} items queued)")
-        self.depth, self.retry_after_s = depth, retry_after_s
+    def __init__(self, depth: int, retry_after_s: float, reason: str = "queue_full") -> None:
+        what = "queue full" if reason == "queue_full" else "the queue ahead would outlast the deadline"
+        super().__init__(f"{what} ({depth} items queued)")
+        self.depth, self.retry_after_s, self.reason = depth, retry_after_s, reason
 
 
 class DeadlineExceeded(Exception):
@@ -52,19 +61,28 @@ class BatchError(Exception):
     """The batch function broke its contract (e.g. returned the wrong number of results)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Done(Generic[R]):
+    """What a caller's future resolves to: the result and how it was reached."""
+
+    value: R
+    queue_wait_s: float  # from submit until its batch went to the worker
+    batch_size: int  # items computed in the same call of the batch function
+
+
 @dataclass(slots=True, eq=False)
 class _Item(Generic[T, R]):
+    seq: int
     payload: T
-    future: asyncio.Future[R]
+    cost: int
+    future: asyncio.Future[Done[R]]
     enqueued: float  # time.monotonic()
     timer: asyncio.TimerHandle | None = None
-    taken: bool = False
-    settled: bool = False  # left the live count already (done callbacks run a loop turn late)
 
 
 @dataclass(slots=True)
 class BatcherStats:
-    """Running totals, read by /metrics and by Retry-After."""
+    """Running totals, read by /metrics, Retry-After and admission."""
 
     batches: int = 0
     items_computed: int = 0
@@ -74,16 +92,24 @@ class BatcherStats:
     refused: int = 0
     busy_since: float | None = None  # when the batch in flight started, None if idle
     items_per_s: float = 0.0  # moving average of throughput while computing
-    sizes: collections.Counter[int] = field(default_factory=collections.Counter)
+    cost_per_s: float = 0.0  # cost units (tokens) per second: median of the last 16 batches, once 4 ran
+    arrival_gap_s: float | None = None  # moving average of the time between arrivals
 
 
 @dataclass(frozen=True, slots=True)
 class BatchInfo:
-    """Passed to on_batch after each batch: what was computed and how long it took."""
+    """Passed to on_batch after each batch: what was computed, why it started, how long it took."""
 
     size: int
+    cost: int
     queue_waits_s: tuple[float, ...]
     compute_s: float
+    reason: str  # full (size or cost budget), waited (max_wait_s ran out), idle (no companion likely), stopping
+
+
+def drain_time_s(depth: int, items_per_s: float) -> float:
+    """Seconds until `depth` queued items are computed at the measured rate (1 s while unmeasured)."""
+    return 1.0 if items_per_s <= 0 else max(0.001, depth / items_per_s)
 
 
 class DynamicBatcher(Generic[T, R]):
@@ -95,6 +121,10 @@ class DynamicBatcher(Generic[T, R]):
         max_wait_s: float = 0.002,
         max_queue: int = 2048,
         timeout_s: float | None = None,
+        cost_of: Callable[[T], int] | None = None,
+        max_batch_cost: int | None = None,
+        max_queue_cost: int | None = None,
+        admit_by_deadline: bool = False,
         on_batch: Callable[[BatchInfo], None] | None = None,
         on_drop: Callable[[str], None] | None = None,
         name: str = "batcher",
@@ -106,16 +136,26 @@ class DynamicBatcher(Generic[T, R]):
             )
         self.fn, self.max_batch_size, self.max_wait_s = fn, max_batch_size, max_wait_s
         self.max_queue, self.timeout_s, self.name = max_queue, timeout_s, name
+        self.cost_of, self.max_batch_cost, self.max_queue_cost = cost_of, max_batch_cost, max_queue_cost
+        self.admit_by_deadline = admit_by_deadline and timeout_s is not None
         self.on_batch, self.on_drop = on_batch, on_drop
         self.stats = BatcherStats()
-        self._queue: collections.deque[_Item[T, R]] = collections.deque()
-        self._live = 0  # queued items whose callers still wait; the deque also holds dropped ones
+        # Only items whose callers still wait, in arrival order: a caller that cancels or expires
+        # leaves it from its future's done callback (and `_take` skips one whose callback is pending).
+        self._queue: collections.OrderedDict[int, _Item[T, R]] = collections.OrderedDict()
+        self._queued_cost = 0
+        self._seq = itertools.count()
         self._arrived = asyncio.Event()
         self._accepting = False
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._free_since = 0.0  # monotonic time the last batch finished computing
+        self._last_arrival: float | None = None
+        self._last_compute_s = 0.0  # the last batch's compute time: how long the one in flight may take
+        # recent batches' cost rates: admission uses their median, so one stalled pass cannot make
+        # the batcher refuse everything for a while, nor one lucky pass admit too much
+        self._cost_rates: collections.deque[float] = collections.deque(maxlen=16)
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -136,7 +176,11 @@ class DynamicBatcher(Generic[T, R]):
 
     @property
     def depth(self) -> int:
-        return self._live
+        return len(self._queue)
+
+    @property
+    def queued_cost(self) -> int:
+        return self._queued_cost
 
     @property
     def accepting(self) -> bool:
@@ -151,50 +195,75 @@ class DynamicBatcher(Generic[T, R]):
 
     def retry_after_s(self) -> float:
         """Seconds until the queue has drained, from its depth and the measured throughput."""
-        rate = self.stats.items_per_s
+        return drain_time_s(len(self._queue), self.stats.items_per_s)
+
+    def predicted_answer_s(self, cost: int) -> float | None:
+        """When an item of this cost, queued now, would be answered: the pass in flight, the cost
+        queued ahead and its own, at the measured cost rate. None until 4 batches have run."""
+        rate = self.stats.cost_per_s
         if rate <= 0:
-            return 1.0
-        return max(0.001, self._live / rate)
+            return None
+        busy = self.stats.busy_since
+        in_flight = 0.0 if busy is None else max(0.0, self._last_compute_s - (time.monotonic() - busy))
+        return in_flight + (self._queued_cost + cost) / rate
 
     # -------------------------------------------------------------------------------------- callers
 
-    def submit_nowait(self, payload: T) -> asyncio.Future[R]:
+    def submit_nowait(self, payload: T) -> asyncio.Future[Done[R]]:
         """Queues one item and returns its future; raises QueueFull or BatcherStopped at once."""
         if not self._accepting or self._loop is None:
             raise BatcherStopped(f"{self.name} is not accepting items")
-        if self._live >= self.max_queue:
-            self.stats.refused += 1
-            if self.on_drop:
-                self.on_drop("queue_full")
-            raise QueueFull(self._live, self.retry_after_s())
-        loop = self._loop
-        item: _Item[T, R] = _Item(payload, loop.create_future(), time.monotonic())
+        cost = self.cost_of(payload) if self.cost_of is not None else 1
+        self._admit(cost)
+        loop, now = self._loop, time.monotonic()
+        item: _Item[T, R] = _Item(next(self._seq), payload, cost, loop.create_future(), now)
         if self.timeout_s is not None:
             item.timer = loop.call_at(loop.time() + self.timeout_s, self._expire, item)
-        item.future.add_done_callback(lambda _f, it=item: self._settled(it))
-        self._queue.append(item)
-        self._live += 1
+        item.future.add_done_callback(functools.partial(self._on_done, item))
+        self._queue[item.seq] = item
+        self._queued_cost += cost
+        if self._last_arrival is not None:
+            gap, st = now - self._last_arrival, self.stats
+            st.arrival_gap_s = gap if st.arrival_gap_s is None else 0.8 * st.arrival_gap_s + 0.2 * gap
+        self._last_arrival = now
         self._arrived.set()
         return item.future
 
     async def submit(self, payload: T) -> R:
         """Queues one item and waits for its result; cancelling the caller drops the item."""
-        return await self.submit_nowait(payload)
+        return (await self.submit_nowait(payload)).value
+
+    def _admit(self, cost: int) -> None:
+        full = len(self._queue) >= self.max_queue or (
+            self.max_queue_cost is not None and self._queued_cost + cost > self.max_queue_cost
+        )
+        reason = "queue_full" if full else None
+        if reason is None and self.admit_by_deadline:
+            predicted = self.predicted_answer_s(cost)
+            if predicted is not None and self.timeout_s is not None and predicted > self.timeout_s:
+                reason = "would_miss_deadline"
+        if reason is None:
+            return
+        self.stats.refused += 1
+        if self.on_drop:
+            self.on_drop(reason)
+        raise QueueFull(len(self._queue), self.retry_after_s(), reason)
 
     def _expire(self, item: _Item[T, R]) -> None:
-        if not item.taken and not item.future.done():
+        if item.seq in self._queue and not item.future.done():
             self.stats.expired += 1
             if self.on_drop:
                 self.on_drop("deadline")
             item.future.set_exception(DeadlineExceeded(f"still queued after {self.timeout_s:.3f} s"))
 
-    def _settled(self, item: _Item[T, R]) -> None:
-        """An item answered before it was taken leaves the live count here, exactly once: from its
-        done callback, or earlier from `_take` when it meets the item before the callback has run."""
-        if item.taken or item.settled:
+    def _on_done(self, item: _Item[T, R], _future: asyncio.Future[Done[R]]) -> None:
+        self._discard(item)
+
+    def _discard(self, item: _Item[T, R]) -> None:
+        """Takes an answered-while-queued item out of the queue, exactly once (pop is idempotent)."""
+        if self._queue.pop(item.seq, None) is None:
             return
-        item.settled = True
-        self._live -= 1
+        self._queued_cost -= item.cost
         if item.timer is not None:
             item.timer.cancel()
         if item.future.cancelled():
@@ -207,59 +276,79 @@ class DynamicBatcher(Generic[T, R]):
     async def _run(self) -> None:
         try:
             while True:
-                batch = await self._collect()
-                if batch is None:
+                collected = await self._collect()
+                if collected is None:
                     return
+                batch, reason = collected
                 if batch:
-                    await self._compute(batch)
+                    await self._compute(batch, reason)
         finally:
             self._accepting = False
             self._fail_queued(BatcherStopped(f"{self.name} stopped"))
 
-    async def _collect(self) -> list[_Item[T, R]] | None:
-        """Waits for work; returns the next batch, [] if all it held was dropped, None to exit."""
-        while not self._live:
+    def _room(self) -> bool:
+        if len(self._queue) >= self.max_batch_size:
+            return False
+        return self.max_batch_cost is None or self._queued_cost < self.max_batch_cost
+
+    def _companion_likely(self) -> bool:
+        gap = self.stats.arrival_gap_s
+        return gap is not None and gap < self.max_wait_s
+
+    async def _collect(self) -> tuple[list[_Item[T, R]], str] | None:
+        """Waits for work; returns the next batch ([] if all it held was dropped) and why it
+        started, or None to exit."""
+        while not self._queue:
             if not self._accepting:
                 return None
             self._arrived.clear()
             await self._arrived.wait()
         # max_wait counts from when the model is free (or from the first arrival, if it was already
         # free): items that queued during the last pass still get max_wait for companions to arrive.
-        wait_until = max(self._first_live_enqueued(), self._free_since) + self.max_wait_s
-        # Only while there is room, still accepting, and the oldest item may wait longer.
-        while self._live < self.max_batch_size and self._accepting and time.monotonic() < wait_until:
+        first = next(iter(self._queue.values())).enqueued
+        wait_until = max(first, self._free_since) + self.max_wait_s
+        reason = "idle"
+        while self._room() and self._accepting and self._companion_likely():
+            remaining = wait_until - time.monotonic()
+            if remaining <= 0:
+                reason = "waited"
+                break
             self._arrived.clear()
             try:
-                async with asyncio.timeout(wait_until - time.monotonic()):
+                async with asyncio.timeout(remaining):
                     await self._arrived.wait()
             except TimeoutError:
+                reason = "waited"
                 break
-        return self._take()
-
-    def _first_live_enqueued(self) -> float:
-        for item in self._queue:
-            if not item.future.done():
-                return item.enqueued
-        return time.monotonic()
+        if not self._room():
+            reason = "full"
+        elif not self._accepting:
+            reason = "stopping"
+        return self._take(), reason
 
     def _take(self) -> list[_Item[T, R]]:
         batch: list[_Item[T, R]] = []
+        cost = 0
         while self._queue and len(batch) < self.max_batch_size:
-            item = self._queue.popleft()
-            if item.future.done():  # cancelled or expired while queued: never computed
-                self._settled(item)  # its callback may not have run yet; _live must not count it
+            item = next(iter(self._queue.values()))
+            if item.future.done():  # cancelled or expired, its done callback not run yet
+                self._discard(item)
                 continue
-            item.taken = True
-            self._live -= 1
+            if batch and self.max_batch_cost is not None and cost + item.cost > self.max_batch_cost:
+                break
+            del self._queue[item.seq]
+            self._queued_cost -= item.cost
+            cost += item.cost
             if item.timer is not None:
                 item.timer.cancel()
             batch.append(item)
         return batch
 
-    async def _compute(self, batch: list[_Item[T, R]]) -> None:
+    async def _compute(self, batch: list[_Item[T, R]], reason: str) -> None:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         self.stats.busy_since = started
+        waits = tuple(started - it.enqueued for it in batch)
         try:
             outcomes = await loop.run_in_executor(self._executor, _call_isolated, self.fn, [it.payload for it in batch])
         except BaseException as exc:  # the worker itself died (not the batch fn: that is isolated)
@@ -270,32 +359,39 @@ class DynamicBatcher(Generic[T, R]):
         finally:
             self.stats.busy_since = None
             self._free_since = time.monotonic()
-        compute_s = time.monotonic() - started
-        for item, outcome in zip(batch, outcomes):
+        compute_s = self._free_since - started
+        for item, wait, outcome in zip(batch, waits, outcomes, strict=True):
             if item.future.done():  # the caller went away while we computed
                 continue
             if isinstance(outcome, _Failure):
                 self.stats.items_failed += 1
                 item.future.set_exception(outcome.error)
             else:
-                item.future.set_result(outcome)
-        self._account(batch, started, compute_s)
+                item.future.set_result(Done(outcome, wait, len(batch)))
+        self._account(BatchInfo(len(batch), sum(it.cost for it in batch), waits, compute_s, reason))
 
-    def _account(self, batch: list[_Item[T, R]], started: float, compute_s: float) -> None:
+    def _account(self, info: BatchInfo) -> None:
         st = self.stats
         st.batches += 1
-        st.items_computed += len(batch)
-        st.sizes[len(batch)] += 1
-        rate = len(batch) / max(compute_s, 1e-6)
-        st.items_per_s = rate if st.items_per_s == 0 else 0.8 * st.items_per_s + 0.2 * rate
+        st.items_computed += info.size
+        elapsed = max(info.compute_s, 1e-6)
+        st.items_per_s = _ewma(st.items_per_s, info.size / elapsed)
+        self._cost_rates.append(info.cost / elapsed)
+        if len(self._cost_rates) >= 4:
+            st.cost_per_s = statistics.median(self._cost_rates)
+        self._last_compute_s = info.compute_s
         if self.on_batch:
-            self.on_batch(BatchInfo(len(batch), tuple(started - it.enqueued for it in batch), compute_s))
+            self.on_batch(info)
 
     def _fail_queued(self, error: BaseException) -> None:
         while self._queue:
-            item = self._queue.popleft()
+            _, item = self._queue.popitem(last=False)
             if not item.future.done():
                 item.future.set_exception(error)
+
+
+def _ewma(old: float, new: float) -> float:
+    return new if old == 0 else 0.8 * old + 0.2 * new
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,7 +406,7 @@ def _call_isolated(fn: Callable[[list[T]], list[R]], payloads: list[T]) -> list[
         if len(results) != len(payloads):
             raise BatchError(f"batch function returned {len(results)} results for {len(payloads)} inputs")
         return list(results)
-    except Exception as exc:
+    except Exception as exc:  # any failure is the callers' to see, not ours
         if len(payloads) == 1:
             return [_Failure(exc)]
         mid = len(payloads) // 2

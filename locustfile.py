@@ -6,6 +6,7 @@
     locust -f locustfile.py ... --tags batch --batch-texts 16      # POST /predict/batch only
     locust -f locustfile.py ... --tags predict batch               # both endpoints
     locust -f locustfile.py ... --api-key KEY                      # a server started with API_KEYS
+    locust -f locustfile.py ... --protocol kserve                  # KServe v2 (Triton): POST /v2/models/<name>/infer
 
 Closed loop by default: each user sends its next request as soon as the last one is answered
 (`wait_time` 0), so throughput is what the server sustains and latency grows with the queue. With
@@ -19,6 +20,10 @@ alone and the batch endpoint runs only when asked for by tag.
 
 Each answer is checked (status 200, label POSITIVE or NEGATIVE, 0 <= score <= 1, one prediction per
 text for /predict/batch); anything else is a Locust failure named by what went wrong.
+
+`--protocol kserve` swaps SentimentUser for KServeUser, which posts each text as a one-row BYTES input
+to `/v2/models/<--kserve-model>/infer` and checks the `label` (BYTES) and `score` (FP32) outputs the
+same way: how the bench drives Triton (harness/peers/triton.py). Without it only SentimentUser runs.
 """
 
 from __future__ import annotations
@@ -65,6 +70,19 @@ def _add_arguments(parser: Any) -> None:
         is_secret=True,
         help="sent as `Authorization: Bearer KEY`, for a server started with API_KEYS",
     )
+    parser.add_argument(
+        "--protocol",
+        choices=("json", "kserve"),
+        default="json",
+        env_var="LOCUST_PROTOCOL",
+        help="json: the project's POST /predict (SentimentUser); kserve: KServe v2 inference (KServeUser)",
+    )
+    parser.add_argument(
+        "--kserve-model",
+        default="sentiment",
+        env_var="LOCUST_KSERVE_MODEL",
+        help="model name in /v2/models/<name>/infer, with --protocol kserve (default %(default)s)",
+    )
 
 
 def load_corpus(path: str) -> list[str]:
@@ -73,7 +91,7 @@ def load_corpus(path: str) -> list[str]:
     found = next((p for p in candidates if p.is_file()), None)
     if found is None:
         raise SystemExit(f"corpus not found: {path}")
-    texts = [line.strip() for line in found.read_text(encoding="utf-8").splitlines() if line.strip()]
+    texts = [line.strip() for line in found.read_text(encoding="utf-8").split("\n") if line.strip()]
     if not texts:
         raise SystemExit(f"corpus is empty: {found}")
     return texts
@@ -86,6 +104,10 @@ def _on_init(environment: Environment, **_: Any) -> None:
         CORPUS[:] = load_corpus(DEFAULT_CORPUS)
         return
     CORPUS[:] = load_corpus(options.corpus)
+    if getattr(options, "protocol", "json") == "kserve":
+        # KServeUser is abstract, so a plain run never spawns it; the runner reads this list when it
+        # spawns, after init, so swapping it here is what selects the protocol
+        environment.user_classes[:] = [KServeUser]
     if not options.tags and not options.exclude_tags:
         # Locust has no "off unless tagged" switch; Environment has already filtered by tags,
         # so dropping the batch task here is what makes a plain run POST /predict only.
@@ -151,6 +173,59 @@ class SentimentUser(FastHttpUser):
             except Exception:
                 body = None
             why = check_answer(resp.status_code or 0, body, expected_items)
+            if why:
+                resp.failure(why)
+            else:
+                resp.success()
+
+
+def kserve_request(text: str) -> dict[str, Any]:
+    """A KServe v2 inference body: one text as a [1, 1] BYTES input (batch of one, one element)."""
+    return {"inputs": [{"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": [text]}]}
+
+
+def check_kserve_answer(status: int, body: Any) -> str | None:
+    """Why a KServe v2 answer fails validation, or None: `label` and `score` outputs of one row each,
+    checked as the project's answers are."""
+    if status != 200:
+        detail = body.get("error") if isinstance(body, dict) else None  # KServe v2 errors: {"error": ...}
+        return f"HTTP {status}" + (f": {str(detail)[:80]}" if detail else "")
+    outputs = body.get("outputs") if isinstance(body, dict) else None
+    if not isinstance(outputs, list):
+        return "no outputs"
+    by_name = {o.get("name"): o for o in outputs if isinstance(o, dict)}
+    values: dict[str, Any] = {}
+    for name in ("label", "score"):
+        data = by_name.get(name, {}).get("data")
+        if not isinstance(data, list) or len(data) != 1:
+            return f"expected one {name} output"
+        values[name] = data[0]
+    return check_label(values)
+
+
+class KServeUser(FastHttpUser):
+    """One client of a KServe v2 server (Triton): POST /v2/models/<name>/infer, selected by --protocol kserve."""
+
+    abstract = True  # spawned only when --protocol kserve puts it in the environment's user classes
+
+    def on_start(self) -> None:
+        options = self.environment.parsed_options
+        rate = options.target_rps_per_user if options else 0.0
+        self._pace = constant_throughput(rate) if rate > 0 else None
+        self._path = f"/v2/models/{options.kserve_model if options else 'sentiment'}/infer"
+
+    def wait_time(self) -> float:
+        return self._pace(self) if self._pace is not None else 0.0
+
+    @tag("predict")
+    @task
+    def infer(self) -> None:
+        with self.client.post(self._path, json=kserve_request(random.choice(CORPUS)), catch_response=True) as resp:
+            try:
+                body = resp.json()
+            except Exception:
+                body = None
+            why = check_kserve_answer(resp.status_code or 0, body)
             if why:
                 resp.failure(why)
             else:

@@ -3,7 +3,9 @@
     python -m harness.bench                          # CPU sweep, about 10 min on 2 cores -> results/<date>-cpu/
     python -m harness.bench --quick                  # smoke test, under 2 min (CI)
     python -m harness.bench --gpu --out results/h100 # user counts that saturate a GPU, Locust --processes 4
-    python -m harness.bench --peers                  # + LitServe rows (pip install -r harness/peers/requirements-litserve.txt)
+    python -m harness.bench --peers                  # + LitServe, Triton, Ray Serve and BentoML rows (harness/peers/;
+                                                   # builds their environments in .peers/ first where missing)
+    python -m harness.bench --peers --only peer,batched --corpus data/long.txt --out results/cpu-long
     python -m harness.bench --corpus data/short.txt --out results/cpu-short
     python -m harness.bench --only batched,naive-threadpool --users 8,32 --duration 15
     python -m harness.bench --ops --only ops --out results/cpu-2core-ops   # keys, rate limit, JSON logs: on vs off
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import os
 import shutil
@@ -39,7 +40,11 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness.launch import ROOT, Process, environ, free_port
+from harness.launch import ROOT, Process, environ
+from harness.peers import describe as describe_peers
+from harness.peers import launch as launch_peer
+from harness.peers import peer_configs
+from harness.peers import prepare as prepare_peers
 from harness.references import create_ceiling_app, environment, measure_agreement, measure_model_limit
 
 SUMMARY_FIELDS = [
@@ -204,8 +209,8 @@ def configurations(p: Profile, peers: bool, ops: bool = False) -> list[Config]:
                     locust_args=("--api-key", "bench-key"),
                 )
             )
-    if peers:
-        cfgs.append(Config("litserve", "peer", "harness.peers.litserve", p.users, p.duration_s, ready_path="/health"))
+    if peers:  # the registry in harness/peers/__init__.py: module, readiness, Locust protocol per peer
+        cfgs += peer_configs(p.users, p.duration_s)
     return [c for c in cfgs if p.configs is None or c.name in p.configs or c.group == "ops"]
 
 
@@ -315,11 +320,8 @@ def launch(cfg: Config, log_path: Path) -> Process:
     """Starts one configuration's server on a free port (not yet ready)."""
     # the comparison is of serving paths: keys and rate limits would only turn load into 401s and 429s
     env = environ(cfg.env, drop=("API_KEYS", "RATE_LIMIT", "REDIS_URL"))
-    if cfg.group == "peer":
-        port = free_port()
-        return Process.start(
-            cfg.name, [sys.executable, "-m", cfg.target, "--port", str(port)], log_path, env, f"http://127.0.0.1:{port}"
-        )
+    if cfg.group == "peer":  # in its own virtual environment (.peers/<name>/), stopped its own way
+        return launch_peer(cfg.name, log_path, env)
     if cfg.workers > 1:  # every worker's counters in one scrape; the directory must start empty
         prom = log_path.parent / f"prometheus-{cfg.name}"
         shutil.rmtree(prom, ignore_errors=True)
@@ -547,11 +549,9 @@ def select(a: argparse.Namespace) -> tuple[Profile, list[Config]]:
                 f"{', '.join(c.name for c in cfgs)} and the groups {', '.join(sorted({c.group for c in cfgs}))}"
             )
         cfgs = [c for c in cfgs if c.name in only or c.group in only]
-    if a.peers and importlib.util.find_spec("litserve") is None:
-        print(
-            "!! --peers: litserve is not installed (pip install -r harness/peers/requirements-litserve.txt); skipping peer rows"
-        )
-        cfgs = [c for c in cfgs if c.group != "peer"]
+    # builds the peers' missing environments; one that fails stays in the run and is reported with its error
+    for name, why in prepare_peers(c.name for c in cfgs if c.group == "peer").items():
+        print(f"!! --peers: {name}: {why}", flush=True)
     return p, cfgs
 
 
@@ -579,8 +579,9 @@ def main(argv: list[str] | None = None) -> int:
         limit_cost,
         "model limit: "
         + (
-            f"{limit['bucketed']['samples_per_s']:.1f} samples/s length-bucketed (batch {limit['bucketed']['batch_size']}"
-            f"), {limit['random']['samples_per_s']:.1f} random-padded (batch {limit['random']['batch_size']})"
+            f"{limit['bucketed']['samples_per_s']:.1f} samples/s length-bucketed "
+            f"(batch {limit['bucketed']['batch_size']}), {limit['random']['samples_per_s']:.1f} random-padded "
+            f"(batch {limit['random']['batch_size']})"
             if limit
             else "failed, see logs/model_limit.log"
         ),
@@ -592,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
         "corpus": a.corpus,
         "profile_settings": asdict(p),
         "load_average_at_start": load_at_start,
+        "peers": describe_peers(c.name for c in cfgs if c.group == "peer"),
     }
     for cfg in [None, *cfgs]:  # files are rewritten after each configuration: a stopped run keeps its rows
         rows += bench_config(cfg, p, a, out, progress, servers) if cfg else []

@@ -13,6 +13,7 @@ and the tests all start servers through this module.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -109,18 +110,13 @@ class Process:
         """Signals the process, or its whole session with group=True (Ctrl+C for a peer that runs
         workers of its own), waits up to grace_s, then kills the session. Returns the exit code."""
         if self.popen.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, sig) if group else self.popen.send_signal(sig)
-            except ProcessLookupError:
-                pass
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                pass
-        try:  # uvicorn's workers, nginx's and a peer's children share its session
+        # uvicorn's workers, nginx's and a peer's children share its session
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         try:
             return self.popen.wait(5)
         except subprocess.TimeoutExpired:

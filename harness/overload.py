@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import platform
 import random
@@ -49,7 +50,9 @@ def pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
     s = sorted(values)
-    return s[min(len(s) - 1, int(q / 100 * len(s)))]
+    # nearest rank: the smallest value with at least q % of the values at or below it (q * n first,
+    # in exact integer-valued arithmetic where q is whole: 0.29 * 100 is 28.999... in floating point)
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s) / 100) - 1))]
 
 
 def ms(v: float | None) -> float | None:
@@ -238,10 +241,8 @@ async def watch(pid: int, url: str, t0: float, samples: list[dict[str, Any]], st
                     "rss_mb": round(sum(p.memory_info().rss for p in procs) / 2**20, 1),
                 }
             )
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
-            except TimeoutError:
-                pass
 
 
 # ------------------------------------------------------------------------------------------ analysis
@@ -282,7 +283,7 @@ def summarize(
 def soak_windows(results: list[tuple], samples: list[dict[str, Any]], seconds: float) -> list[dict[str, Any]]:
     width = 60.0 if seconds >= 180 else seconds / 6  # short runs still show a trend
     out = []
-    for w in range(round(seconds / width)):
+    for w in range(math.ceil(seconds / width - 1e-9)):  # the last window may be shorter, never dropped
         lo, hi = w * width, (w + 1) * width
         ok = [r[1] for r in results if lo <= r[0] < hi and r[2] == 200]
         bad = sum(1 for r in results if lo <= r[0] < hi and r[2] != 200)
@@ -375,7 +376,10 @@ def verdicts(r: dict[str, Any], soak: bool, timeout_ms: float | None) -> dict[st
         return {
             "zero failures": r["failures"] == 0 and r["not_sent"] == 0,
             "p99 flat (every window <= 1.5x the median window)": bool(p99s) and p99s[-1] <= 1.5 * p99s[len(p99s) // 2],
-            "memory flat (last window <= first + 5 %)": bool(w) and w[-1]["rss_mb"] <= 1.05 * w[0]["rss_mb"],
+            "memory flat (last window <= first + 5 %)": bool(w)
+            and w[0]["rss_mb"] is not None
+            and w[-1]["rss_mb"] is not None
+            and w[-1]["rss_mb"] <= 1.05 * w[0]["rss_mb"],
         }
     lat, rss, retry = r["latency_ms"], r["rss_mb"], r["retry_after_median"]
     return {
@@ -388,7 +392,8 @@ def verdicts(r: dict[str, Any], soak: bool, timeout_ms: float | None) -> dict[st
         and timeout_ms is not None
         and lat["200"]["p99"] < timeout_ms,
         "normal answers within 1 s of the flood's end": r["recovered_s"] is not None and r["recovered_s"] <= 1.0,
-        "memory flat (last third <= first third + 5 %)": rss["last_third_max"] <= 1.05 * rss["first_third_max"],
+        "memory flat (last third <= first third + 5 %)": rss["first_third_max"] is not None
+        and rss["last_third_max"] <= 1.05 * rss["first_third_max"],
     }
 
 

@@ -175,11 +175,19 @@ def write_report(a: argparse.Namespace, out: Path, srv: dict, batch: dict) -> No
     total = sum(serving.values())
     c = srv["client"]
     items = run.get("sentimentalyzer_batch_size_sum", 0.0)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k in ("MODEL_ID", "DTYPE", "MAX_WAIT_MS", "MAX_BATCH_SIZE", "BATCH_POLICY", "BACKEND")
+    }
+
+    def ms(name: str) -> str:
+        return f"{1000 * (mean(run, name) or 0):.1f}"
+
     lines = [
         f"# Where the time goes: batched server, {a.users} users, {a.corpus}",
         "",
-        f"- command: `python {' '.join(sys.argv)}`; settings from the environment: "
-        f"{json.dumps({k: v for k, v in os.environ.items() if k in ('MODEL_ID', 'DTYPE', 'MAX_WAIT_MS', 'MAX_BATCH_SIZE', 'BATCH_POLICY')})}",
+        f"- command: `python {' '.join(sys.argv)}`; settings from the environment: {json.dumps(env)}",
         f"- measured run: {a.seconds:g} s, {reqs_run:.0f} requests, {reqs_run / srv['wall_s']:.1f} req/s; "
         f"{items / max(run.get('sentimentalyzer_batch_size_count', 1), 1):.1f} items per forward pass",
         "",
@@ -188,9 +196,9 @@ def write_report(a: argparse.Namespace, out: Path, srv: dict, batch: dict) -> No
         "| stage | ms |",
         "|---|---:|",
         f"| client latency (Locust, median) | {c.get('p50_ms', float('nan')):.1f} |",
-        f"| server latency (middleware in to out) | {1000 * (mean(run, 'sentimentalyzer_request_latency_seconds') or 0):.1f} |",
-        f"| queue wait (enqueue to the start of its batch) | {1000 * (mean(run, 'sentimentalyzer_queue_wait_seconds') or 0):.1f} |",
-        f"| compute of a taken batch (tokenize + every pass) | {1000 * (mean(run, 'sentimentalyzer_compute_seconds') or 0):.1f} |",
+        f"| server latency (middleware in to out) | {ms('sentimentalyzer_request_latency_seconds')} |",
+        f"| queue wait (enqueue to the start of its batch) | {ms('sentimentalyzer_queue_wait_seconds')} |",
+        f"| compute of a taken batch (tokenize + every pass) | {ms('sentimentalyzer_compute_seconds')} |",
         "",
         "The rest of the server latency is the event loop: parsing, validation, response, and waiting "
         "its turn behind other requests' work.",

@@ -28,38 +28,35 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def read_corpus(path: str) -> list[str]:
-    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 # ------------------------------------------------------------------------------ the HTTP ceiling app
 
 
 def create_ceiling_app() -> Any:
-    """The servers' own FastAPI stack (middleware, validation, response model) with no model behind it."""
-    from contextlib import asynccontextmanager
-
-    from fastapi import FastAPI, Request
-
-    from serving.api import PredictRequest, PredictResponse, build_app, check_texts, require_ready
+    """The servers' own app factory (middleware, validation, routes, response model), no model behind it."""
+    from serving.model import Prediction
+    from serving.service import create_app
     from serving.settings import Settings
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        app.state.is_ready = lambda: True
-        app.state.ready_info = lambda: {"model_id": None, "model_source": "none", "device": "none"}
-        yield
+    class CeilingService:
+        async def start(self) -> None:
+            return None
 
-    app = build_app("ceiling", lifespan, Settings.from_env())
+        def ready(self) -> bool:
+            return True
 
-    async def predict(body, request):
-        check_texts(require_ready(request), [body.text], batch=False)
-        return PredictResponse(label="POSITIVE", score=1.0, latency_ms=0.0)
+        def describe(self) -> dict[str, object]:
+            return {"model_id": None, "model_source": "none", "device": "none"}
 
-    # real classes, not strings: under `from __future__ import annotations` FastAPI would look these
-    # names up in this module's globals, miss them, and read `body` as a query parameter
-    predict.__annotations__ = {"body": PredictRequest, "request": Request, "return": PredictResponse}
-    app.post("/predict")(predict)
-    return app
+        async def predict(self, request: Any, texts: list[str]) -> list[Prediction]:
+            return [Prediction("POSITIVE", 1.0) for _ in texts]
+
+        async def stop(self) -> None:
+            return None
+
+    return create_app("ceiling", lambda _settings, _obs: CeilingService(), Settings.from_env())
 
 
 # ---------------------------------------------------------------------------------- the model limit
@@ -137,8 +134,8 @@ def measure_agreement(corpus: str, dtype: str) -> dict[str, Any]:
         engine = load_engine(base.replace(dtype=name))
         p_pos[name] = [p.score if p.label == engine.labels[-1] else 1.0 - p.score for p in engine.predict(texts)]
     ref, other = p_pos["fp32"], p_pos[dtype]
-    diffs = [abs(a - b) for a, b in zip(ref, other)]
-    flips = [i for i, (a, b) in enumerate(zip(ref, other)) if (a >= 0.5) != (b >= 0.5)]
+    diffs = [abs(a - b) for a, b in zip(ref, other, strict=True)]
+    flips = [i for i, (a, b) in enumerate(zip(ref, other, strict=True)) if (a >= 0.5) != (b >= 0.5)]
     return {
         "dtype": dtype,
         "texts": len(texts),

@@ -1,7 +1,7 @@
 """Writes a bench run's summary.md and plots from its summary.csv and environment.json.
 
     python report.py results/cpu-2core    # rewrites summary.md, throughput_vs_users.png,
-                                          # latency_vs_users.png and batch_size_tradeoff.png
+                                          # latency_vs_users.png, batch_size_tradeoff.png (and peers.png)
 
 bench.py calls it at the end of a run; run it alone to redraw after editing this file. Every
 number comes from the run's files: nothing here is typed in by hand.
@@ -19,6 +19,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
+
+from harness.peers import summary as peers_summary
 
 NUMERIC = (
     "users",
@@ -85,7 +87,7 @@ def ratios(rows: list[dict[str, Any]]) -> list[str]:
     out = ["| users | versus | throughput ratio | p99 ratio (batched / other) |", "|---:|---|---:|---:|"]
     for users in sorted({r["users"] for r in rows if r["configuration"] == "batched"}):
         b = find(rows, "batched", users)
-        for other in (*NAIVE, "litserve"):
+        for other in (*NAIVE, *dict.fromkeys(r["configuration"] for r in rows if r["group"] == "peer")):
             o = find(rows, other, users)
             if b and o and o["requests_per_s"] and o["p99_ms"]:
                 out.append(
@@ -123,12 +125,12 @@ def losses(rows: list[dict[str, Any]]) -> list[str]:
                 if o and r["requests_per_s"] < o["requests_per_s"]:
                     out.append(
                         f"{r['configuration']} (MAX_BATCH_SIZE {r['max_batch_size']}, policy "
-                        f"{r['batch_policy']}) at {r['users']} users served fewer requests/s than {other}: "
+                        f"{r['batch_policy']}) at {_users(r['users'])} served fewer requests/s than {other}: "
                         f"{r['requests_per_s']:.1f} vs {o['requests_per_s']:.1f}."
                     )
         if r["failures"]:
             out.append(
-                f"{r['configuration']} at {r['users']} users had {r['failures']:.0f} failed requests "
+                f"{r['configuration']} at {_users(r['users'])} had {r['failures']:.0f} failed requests "
                 f"(see {r['configuration']}_u{r['users']}_failures.csv)."
             )
     if not out and not compared:
@@ -228,6 +230,7 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
         "",
         *ratios(rows),
         "",
+        *peers_summary.section(rows, env),
         "## Where batching loses",
         "",
         *[f"- {line}" for line in losses(rows)],
@@ -268,7 +271,7 @@ def plot_throughput(rows: list[dict[str, Any]], env: dict[str, Any], path: Path)
             if r["configuration"] == name and r["requests_per_s"] is not None
         )
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=name)
+            ax.plot(*zip(*pts, strict=True), marker="o", label=name)
             top = max(top, max(y for _, y in pts))
     limit = (env.get("model_limit") or {}).get("bucketed", {}).get("samples_per_s")
     if limit:
@@ -299,11 +302,11 @@ def plot_throughput(rows: list[dict[str, Any]], env: dict[str, Any], path: Path)
 
 def plot_latency(rows: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-    for ax, key in zip(axes, ("p50_ms", "p99_ms")):
+    for ax, key in zip(axes, ("p50_ms", "p99_ms"), strict=True):
         for name in dict.fromkeys(r["configuration"] for r in rows if r["group"] in ("naive", "batched", "peer")):
             pts = sorted((r["users"], r[key]) for r in rows if r["configuration"] == name and r[key] is not None)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=name)
+                ax.plot(*zip(*pts, strict=True), marker="o", label=name)
         ax.set(xscale="log", yscale="log", xlabel="concurrent users", title=key.replace("_ms", " latency (ms)"))
         _user_ticks(ax, rows)
         ax.grid(alpha=0.3, which="both")
@@ -362,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     plot_latency(rows, run / "latency_vs_users.png")
     if not plot_bus(rows, run / "batch_size_tradeoff.png"):
         print("report: fewer than 2 MAX_BATCH_SIZE values in this run, no batch_size_tradeoff.png")
+    peers_summary.plot(rows, env, run / "peers.png")  # only when a peer ran
     print(f"report: wrote {run}/summary.md and plots")
     return 0
 

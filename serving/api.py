@@ -94,11 +94,11 @@ def check_texts(settings: Settings, texts: list[str], batch: bool) -> None:
 
 def require_ready(request: Request) -> Settings:
     """The app's settings, or 503 while the model is not loaded and warm (or the worker died)."""
-    state = request.app.state
-    ready_check: Callable[[], bool] = state.is_ready
-    if not ready_check():
+    service = getattr(request.app.state, "service", None)
+    if service is None or not service.ready():
         raise ApiError(503, "model not ready", {"Retry-After": "1"})
-    return state.settings
+    settings: Settings = request.app.state.settings
+    return settings
 
 
 def build_app(
@@ -112,16 +112,14 @@ def build_app(
     )
     app.state.kind = kind
     app.state.settings = settings
-    app.state.is_ready = lambda: False
-    app.state.ready_info = lambda: {}
+    app.state.service = None  # set by the lifespan once loaded and warm
     app.state.obs = Observability(kind)
     _add_handlers(app)
     _add_common_routes(app)
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
-    if settings is not None:
-        configure_logging(settings)  # before uvicorn's first line, so LOG_FORMAT=json covers every line
-        if guard.enabled(settings):  # inside RequestContext: refusals get a request ID, a log line, metrics
-            app.add_middleware(guard.Guard, settings=settings, obs=app.state.obs)
+    configure_logging(settings)  # before uvicorn's first line, so LOG_FORMAT=json covers every line
+    if guard.enabled(settings):  # inside RequestContext: refusals get a request ID, a log line, metrics
+        app.add_middleware(guard.Guard, settings=settings, obs=app.state.obs)
     app.add_middleware(RequestContext, obs=app.state.obs, settings_of=lambda: app.state.settings)
     return app
 
@@ -159,11 +157,10 @@ def _add_common_routes(app: FastAPI) -> None:
 
     @app.get("/ready")
     async def ready(request: Request) -> JSONResponse:
-        state = request.app.state
-        ok = state.is_ready()
-        return JSONResponse(
-            {"status": "ready" if ok else "not ready", **state.ready_info()}, status_code=200 if ok else 503
-        )
+        service = request.app.state.service
+        ok = service is not None and service.ready()
+        info = service.describe() if service is not None else {}
+        return JSONResponse({"status": "ready" if ok else "not ready", **info}, status_code=200 if ok else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics(request: Request) -> Response:

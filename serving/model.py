@@ -1,25 +1,27 @@
-"""The model both servers share: loading (hub, local directory or the stand-in) and prediction.
+"""Loading the model both servers serve: where the weights come from, on which device, at which engine.
 
     from serving.model import load_engine
-    engine = load_engine(Settings.from_env())
-    engine.predict(["I loved it", "dull and far too long"])   # -> [Prediction(label=..., score=...), ...]
+    engine = load_engine(Settings.from_env())     # MODEL_ID, DEVICE, BACKEND, DTYPE (../shared/SPEC.md)
+    engine.warmup()
+    engine.predict(["I loved it", "dull and far too long"])   # serving/engine.py
 
-`predict` takes any number of texts, tokenizes them in one call, sorts them by token length and runs
-one padded forward pass per length group (see `plan_groups`), so a long review never makes the short
-ones it shares a batch with pay for its padding. The servers differ only in how requests reach it.
+Weights come from the hub, a local directory, or the stand-in (same architecture and tokenizer,
+seeded random weights) when the hub cannot be reached. The engine is PyTorch eager (fp32, bf16; fp16
+on CUDA), run padding-free ("packed") where serving/packed.py supports the architecture, or ONNX
+Runtime (fp32, int8; fp16 on CUDA) exported from whatever was loaded (serving/onnx_runner.py).
+DTYPE=auto is fp16 on CUDA; on a CPU, bf16 where it has AMX bf16 units, else fp32.
 """
 
 from __future__ import annotations
 
-import collections
+import contextlib
+import functools
+import hashlib
 import importlib.util
 import logging
 import os
 import socket
 import tempfile
-import threading
-import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -34,30 +36,18 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from serving.engine import Engine, PassStats, Prediction, TorchRunner, plan_groups
 from serving.settings import Settings
 
+__all__ = ["STAND_IN", "Engine", "PassStats", "Prediction", "Source", "load_engine", "plan_groups", "resolve_source"]
 log = logging.getLogger("sentimentalyzer.model")
 STAND_IN = "stand-in"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-@dataclass(frozen=True, slots=True)
-class Prediction:
-    label: str
-    score: float
-    batch_size: int = 1  # items that shared the forward pass
-    tokenize_ms: float = 0.0  # the whole call's tokenization, shared by every item in it
-    infer_ms: float = 0.0  # this item's forward pass
-
-
-@dataclass(frozen=True, slots=True)
-class PassStats:
-    """One forward pass, for metrics: padding efficiency is real_tokens / computed_tokens."""
-
-    items: int
-    real_tokens: int
-    computed_tokens: int
-    infer_s: float
+def cache_dir() -> Path:
+    """Where the stand-in and exported ONNX files live (SENTIMENTALYZER_CACHE overrides)."""
+    return Path(os.environ.get("SENTIMENTALYZER_CACHE", Path.home() / ".cache" / "sentimentalyzer"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +74,7 @@ def standin_tokenizer_dir() -> str:
 
 def standin_config() -> DistilBertConfig:
     """The exact config of distilbert-base-uncased-finetuned-sst-2-english."""
-    return DistilBertConfig(
+    return DistilBertConfig(  # type: ignore[call-arg]  # finetuning_task: a PretrainedConfig kwarg
         vocab_size=30522,
         dim=768,
         n_layers=6,
@@ -100,7 +90,7 @@ def standin_config() -> DistilBertConfig:
 
 def standin_dir() -> str:
     """Builds the stand-in once (seeded random weights) and saves it, so it loads like any model."""
-    cache = Path(os.environ.get("SENTIMENTALYZER_CACHE", Path.home() / ".cache" / "sentimentalyzer"))
+    cache = cache_dir()
     target = cache / "stand-in-distilbert-sst2-v1"
     if (target / "config.json").exists():
         return str(target)
@@ -111,10 +101,8 @@ def standin_dir() -> str:
     tmp = tempfile.mkdtemp(dir=cache, prefix=".building-")
     model.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(standin_tokenizer_dir()).save_pretrained(tmp)
-    try:
+    with contextlib.suppress(OSError):  # another worker built it first: its copy serves
         os.replace(tmp, target)  # atomic: several workers may build at once, one wins
-    except OSError:
-        pass
     return str(target)
 
 
@@ -171,188 +159,75 @@ def pick_device(setting: str) -> torch.device:
     return device
 
 
-def pick_dtype(setting: str, device: torch.device) -> str:
-    dtype = ("fp16" if device.type == "cuda" else "fp32") if setting == "auto" else setting
-    if dtype == "int8" and device.type != "cpu":
-        raise RuntimeError("DTYPE=int8 is CPU dynamic quantization: use it with DEVICE=cpu")
-    if dtype == "fp16" and device.type == "cpu":
-        raise RuntimeError("DTYPE=fp16 has no fast CPU path: use fp32, bf16 or int8 on CPU")
-    return dtype
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo), which decide the fast paths: avx512_bf16, amx_bf16..."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def pick_dtype(setting: str, device: torch.device, backend: str = "torch") -> str:
+    """DTYPE=auto: fp16 on CUDA; on a CPU bf16 where it has AMX bf16 (the only CPUs where bf16 beat
+    fp32 here by a wide margin), else fp32. Explicit choices are checked against what each engine runs."""
+    if setting == "auto":
+        if device.type == "cuda":
+            return "fp16"
+        return "bf16" if backend == "torch" and "amx_bf16" in cpu_flags() else "fp32"
+    if setting == "int8" and (device.type != "cpu" or backend != "onnx"):
+        raise RuntimeError(
+            "DTYPE=int8 is ONNX Runtime's dynamic quantization on a CPU: set BACKEND=onnx and DEVICE=cpu "
+            "(PyTorch's own dynamic quantization, torch.ao, is deprecated and was no faster here)"
+        )
+    if setting == "fp16" and device.type == "cpu":
+        raise RuntimeError("DTYPE=fp16 has no fast CPU path: use fp32, bf16 (BACKEND=torch) or int8 (BACKEND=onnx)")
+    if setting == "bf16" and backend == "onnx":
+        raise RuntimeError("DTYPE=bf16 is not an ONNX Runtime engine here: use BACKEND=torch, or fp32/int8")
+    return setting
+
+
+def weights_key(source: Source, model: PreTrainedModel) -> str:
+    """Identifies the loaded weights (for the ONNX cache): model id, config and a hash of every tensor."""
+    digest = hashlib.sha256(model.config.to_json_string().encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return f"{Path(source.path).name or source.path}-{digest.hexdigest()[:16]}"
 
 
 def load_engine(settings: Settings, source: Source | None = None) -> Engine:
-    """Loads tokenizer and model (no warm-up: call `engine.warmup()`)."""
+    """Loads tokenizer and model at the configured engine (no warm-up: call `engine.warmup()`)."""
     source = source or resolve_source(settings)
-    # oneDNN caches compiled CPU kernels per input shape (up to 1024 of them). Length groups make a
-    # new (batch, length) shape almost every pass, so the cache grew RSS by ~200 MB over a 10-minute
-    # soak while buying no measurable speed (32.4 vs 31.9 items/s uncached). Read at its first use, so
-    # this must precede the first forward pass; an explicit setting in the environment wins.
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
     hf_logging.disable_progress_bar()  # on-demand mode loads per request: no progress bars in the log
     device = pick_device(settings.device)
-    dtype = pick_dtype(settings.dtype, device)
+    dtype = pick_dtype(settings.dtype, device, settings.backend)
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     model: PreTrainedModel = AutoModelForSequenceClassification.from_pretrained(source.path).eval()
-    if dtype == "int8":
-        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    else:
-        model = model.to(device=device, dtype=_DTYPES[dtype])
-    return Engine(tokenizer, model, device, dtype, settings, source)
+    info: dict[str, object] = {
+        "model_id": settings.model_id,
+        "model_source": source.kind,
+        "backend": settings.backend,
+        "device": str(device),
+        "dtype": dtype,
+        "fallback_reason": source.fallback_reason,
+    }
+    if settings.backend == "onnx":
+        from serving.onnx_runner import load_onnx_runner, require_onnxruntime
 
+        require_onnxruntime()
+        runner = load_onnx_runner(model, weights_key(source, model), dtype, device, cache_dir() / "onnx")
+        info.update({k: v for k, v in runner.describe().items() if k != "backend"})
+        return Engine(tokenizer, model, runner, settings, info, device=device, source=source)
+    model = model.to(device=device, dtype=_DTYPES[dtype])  # type: ignore[call-arg]  # HF wraps .to
+    packed = None
+    if settings.packing != "off":
+        from serving.packed import packed_forward, supports_packing
 
-# ------------------------------------------------------------------------------------------ prediction
-
-
-def plan_groups(
-    lengths: Sequence[int], policy: str, max_tokens: int, cost: Callable[[int, int], float]
-) -> list[list[int]]:
-    """Splits items into forward passes: lists of indices, each sorted by length, shortest group first.
-
-    pad: one pass padded to the longest (the classic batcher). tokens: greedy, at most max_tokens
-    padded tokens a pass. cost: the partition of the length-sorted items into contiguous groups that
-    minimizes the summed estimated cost, a fixed cost per pass plus one growing with batch x length.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    if policy == "pad" or len(order) <= 1:
-        return [order] if order else []
-    if policy == "tokens":
-        groups: list[list[int]] = [[]]
-        for i in order:  # lengths ascend, so the new item is the group's longest
-            if groups[-1] and (len(groups[-1]) + 1) * lengths[i] > max_tokens:
-                groups.append([])
-            groups[-1].append(i)
-        return groups
-    sorted_len = [lengths[i] for i in order]
-    n = len(order)
-    best = [0.0] + [float("inf")] * n  # best[j]: cheapest plan for the first j items
-    cut = [0] * (n + 1)
-    for j in range(1, n + 1):
-        longest = sorted_len[j - 1]
-        for i in range(j):
-            c = best[i] + cost(j - i, longest)
-            if c < best[j]:
-                best[j], cut[j] = c, i
-    bounds, j = [], n
-    while j > 0:
-        bounds.append((cut[j], j))
-        j = cut[j]
-    return [order[a:b] for a, b in reversed(bounds)]
-
-
-class Engine:
-    """A loaded tokenizer and model. `predict` is thread-safe; the batched server calls it from one thread."""
-
-    def __init__(
-        self, tokenizer, model: PreTrainedModel, device: torch.device, dtype: str, settings: Settings, source: Source
-    ) -> None:
-        self.tokenizer, self.model, self.device, self.dtype = tokenizer, model, device, dtype
-        self.settings, self.source = settings, source
-        self.max_length = min(int(tokenizer.model_max_length), int(model.config.max_position_embeddings))
-        self.pad_id = int(tokenizer.pad_token_id or 0)
-        self.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-        # cost(n, L) ~ fixed + per_token * n * L + per_attn * n * L^2 in seconds; refined by calibrate()
-        self.cost_coef = (1e-3, 2e-5, 0.0)
-        # Timings of real passes: the cost model is refitted from them, so a warm-up taken while the
-        # machine was busy does not steer grouping for the whole life of the process.
-        self._passes: collections.deque[tuple[int, int, float]] = collections.deque(maxlen=256)
-        self._seen = 0
-        # Rust tokenizers raise "Already borrowed" if two threads use one at the same moment.
-        self._tokenizer_lock = threading.Lock()
-
-    def describe(self) -> dict[str, object]:
-        return {
-            "model_id": self.settings.model_id,
-            "model_source": self.source.kind,
-            "device": str(self.device),
-            "dtype": self.dtype,
-            "fallback_reason": self.source.fallback_reason,
-        }
-
-    def estimate_cost_s(self, n: int, length: int) -> float:
-        fixed, per_token, per_attn = self.cost_coef
-        return fixed + per_token * n * length + per_attn * n * length * length
-
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        with self._tokenizer_lock:
-            enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=False)
-        return enc["input_ids"]
-
-    @torch.inference_mode()
-    def forward(self, ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, int]:
-        """Probabilities (n, labels) in fp32 for one padded pass; also the padded token count."""
-        longest = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), longest), dtype=torch.long)
-        for row, x in enumerate(ids):
-            input_ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
-            mask[row, : len(x)] = 1
-        non_blocking = self.device.type == "cuda"
-        logits = self.model(
-            input_ids=input_ids.to(self.device, non_blocking=non_blocking),
-            attention_mask=mask.to(self.device, non_blocking=non_blocking),
-        ).logits
-        return torch.softmax(logits.float(), dim=-1).cpu(), len(ids) * longest
-
-    def predict(self, texts: Sequence[str], on_pass: Callable[[PassStats], None] | None = None) -> list[Prediction]:
-        """One Prediction per text, in input order. Texts over 512 tokens are truncated."""
-        if not texts:
-            return []
-        t0 = time.perf_counter()
-        ids = self.tokenize(texts)
-        tokenize_ms = (time.perf_counter() - t0) * 1000
-        lengths = [len(x) for x in ids]
-        groups = plan_groups(lengths, self.settings.batch_policy, self.settings.max_batch_tokens, self.estimate_cost_s)
-        out: list[Prediction | None] = [None] * len(texts)
-        for group in groups:
-            t1 = time.perf_counter()
-            probs, computed = self.forward([ids[i] for i in group])
-            infer_s = time.perf_counter() - t1
-            best = probs.argmax(dim=-1).tolist()
-            for row, i in enumerate(group):
-                out[i] = Prediction(
-                    self.labels[best[row]], float(probs[row, best[row]]), len(group), tokenize_ms, infer_s * 1000
-                )
-            if on_pass is not None:
-                on_pass(PassStats(len(group), sum(lengths[i] for i in group), computed, infer_s))
-            self._learn(len(group), computed // len(group), infer_s)
-        return out  # type: ignore[return-value]
-
-    def warmup(self, calibrate: bool = True) -> None:
-        """Runs a few passes (first calls allocate and pick kernels) and fits the cost model."""
-        self._time_pass(1, 8)
-        shapes = ((1, 8), (1, 64), (4, 16), (16, 32), (32, 16), (4, 256), (2, 512))
-        # the best of three runs per shape: the first may pay for allocation, others for a busy machine
-        samples = [(n, length, min(self._time_pass(n, length) for _ in range(3))) for n, length in shapes]
-        if calibrate:
-            self.cost_coef = fit_cost(samples)
-        log.info(
-            "warm: cost model fixed=%.2fms per_token=%.3fus per_attn=%.5fus",
-            self.cost_coef[0] * 1e3,
-            self.cost_coef[1] * 1e6,
-            self.cost_coef[2] * 1e6,
-        )
-
-    def _learn(self, n: int, length: int, seconds: float) -> None:
-        """Refits the cost model every 32 passes from the latest real ones (diverse shapes only)."""
-        self._passes.append((n, length, seconds))
-        self._seen += 1
-        if self._seen % 32 == 0 and len({n * length for n, length, _ in self._passes}) >= 4:
-            self.cost_coef = fit_cost(list(self._passes))
-
-    def _time_pass(self, n: int, length: int) -> float:
-        ids = [[101] + [1000] * (length - 2) + [102]] * n
-        t0 = time.perf_counter()
-        self.forward(ids)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter() - t0
-
-
-def fit_cost(samples: Sequence[tuple[int, int, float]]) -> tuple[float, float, float]:
-    """Least squares for t = fixed + per_token*n*L + per_attn*n*L^2, coefficients kept >= 0."""
-    a = torch.tensor([[1.0, n * length, n * length * length] for n, length, _ in samples], dtype=torch.float64)
-    t = torch.tensor([[s] for _, _, s in samples], dtype=torch.float64)
-    coef = torch.linalg.lstsq(a, t).solution.flatten().clamp(min=0.0).tolist()
-    if coef[1] == 0.0 and coef[2] == 0.0:  # a degenerate fit would put everything in one pass
-        coef[1] = max(s for *_, s in samples) / max(n * length for n, length, _ in samples)
-    return coef[0], coef[1], coef[2]
+        if supports_packing(model):
+            packed = functools.partial(packed_forward, model)
+    return Engine(tokenizer, model, TorchRunner(model, device), settings, info, packed, device, source)

@@ -11,6 +11,7 @@ must be empty at start (files of an earlier run would add their counts).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
@@ -84,6 +85,21 @@ class Observability:
             registry=r,
             buckets=_LATENCY_BUCKETS,
         )
+        self.dispatch = Counter(
+            "dispatch",
+            "batches taken by the worker, by why they started: full (size or token budget), waited "
+            "(MAX_WAIT_MS ran out), idle (no companion likely: straight to the model), stopping",
+            ["reason"],
+            namespace=ns,
+            registry=r,
+        )
+        self.oldest_wait = Histogram(
+            "oldest_wait_seconds",
+            "queue wait of the oldest item of each batch",
+            namespace=ns,
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
+        )
         self.queue_depth = Gauge(
             "queue_depth", "items waiting for the model", namespace=ns, registry=r, multiprocess_mode="livesum"
         )
@@ -99,6 +115,12 @@ class Observability:
             namespace=ns,
             registry=r,
         )
+
+    def observe_pass(self, items: int, real_tokens: int, computed_tokens: int) -> None:
+        """One forward pass: its size and padding (both servers)."""
+        self.batch_size.observe(items)
+        self.real_tokens.inc(real_tokens)
+        self.computed_tokens.inc(computed_tokens)
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format for GET /metrics, with padding efficiency (real / computed tokens)."""
@@ -131,10 +153,8 @@ def forget_dead_workers(path: str) -> None:
     for name in os.listdir(path):
         match = re.fullmatch(r"gauge_live\w+?_(\d+)\.db", name)
         if match and not _alive(int(match.group(1))):
-            try:
+            with contextlib.suppress(FileNotFoundError):  # another worker's scrape removed it first
                 multiprocess.mark_process_dead(int(match.group(1)), path)
-            except FileNotFoundError:  # another worker's scrape removed it first
-                pass
 
 
 def _alive(pid: int) -> bool:

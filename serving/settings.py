@@ -15,10 +15,13 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 DEFAULT_MODEL_ID = "distilbert-base-uncased-finetuned-sst-2-english"
 NAIVE_MODES = ("threadpool", "blocking", "on-demand")
 DTYPES = ("auto", "fp32", "fp16", "bf16", "int8")
+BACKENDS = ("torch", "onnx")
+PACKINGS = ("auto", "off")
 BATCH_POLICIES = ("cost", "tokens", "pad")
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
 _RATE_UNIT_S = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
@@ -33,6 +36,7 @@ class Settings:
     model_id: str = DEFAULT_MODEL_ID
     model_fallback: bool = True
     device: str = "auto"
+    backend: str = "torch"
     dtype: str = "auto"
     max_text_chars: int = 10_000
     max_batch_items: int = 64
@@ -41,9 +45,12 @@ class Settings:
     max_wait_ms: float = 2.0
     max_queue: int = 2048
     request_timeout_ms: float = 10_000.0
-    # How a taken batch is split into forward passes (not in the spec; see README "Batching policy").
+    # Not in the spec (README "Configuration"): how a taken batch becomes forward passes. PACKING=auto
+    # runs PyTorch DistilBERT padding-free; padded engines split a batch by BATCH_POLICY.
+    packing: str = "auto"
     batch_policy: str = "cost"
-    max_batch_tokens: int = 8192
+    max_batch_tokens: int = 0  # tokens a pass may hold; 0 = calibrated at warm-up (8192 for BATCH_POLICY=tokens)
+    max_queue_tokens: int = 262_144  # queued tokens beyond this are refused with 503, like MAX_QUEUE items
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     rate_limit: str | None = None
     redis_url: str | None = field(default=None, repr=False)
@@ -57,6 +64,8 @@ class Settings:
             f"must be auto, cpu, cuda or cuda:N, got {self.device!r}",
         )
         _check(self.dtype in DTYPES, "DTYPE", f"must be one of {DTYPES}, got {self.dtype!r}")
+        _check(self.backend in BACKENDS, "BACKEND", f"must be one of {BACKENDS}, got {self.backend!r}")
+        _check(self.packing in PACKINGS, "PACKING", f"must be one of {PACKINGS}, got {self.packing!r}")
         _check(self.naive_mode in NAIVE_MODES, "NAIVE_MODE", f"must be one of {NAIVE_MODES}, got {self.naive_mode!r}")
         _check(
             self.batch_policy in BATCH_POLICIES,
@@ -69,9 +78,12 @@ class Settings:
             ("MAX_BATCH_ITEMS", self.max_batch_items),
             ("MAX_BATCH_SIZE", self.max_batch_size),
             ("MAX_QUEUE", self.max_queue),
-            ("MAX_BATCH_TOKENS", self.max_batch_tokens),
+            ("MAX_QUEUE_TOKENS", self.max_queue_tokens),
         ):
             _check(value >= 1, name, f"must be >= 1, got {value}")
+        _check(
+            self.max_batch_tokens >= 0, "MAX_BATCH_TOKENS", f"must be >= 0 (0: calibrated), got {self.max_batch_tokens}"
+        )
         _check(self.max_wait_ms >= 0, "MAX_WAIT_MS", f"must be >= 0, got {self.max_wait_ms}")
         _check(self.request_timeout_ms > 0, "REQUEST_TIMEOUT_MS", f"must be > 0, got {self.request_timeout_ms}")
         _check(all(k.strip() for k in self.api_keys), "API_KEYS", "must not contain empty keys")
@@ -99,7 +111,7 @@ class Settings:
         assert m is not None  # validated in __post_init__
         return int(m.group(1)), _RATE_UNIT_S[m.group(2)]
 
-    def replace(self, **changes: object) -> Settings:
+    def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
     @classmethod

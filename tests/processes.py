@@ -75,7 +75,7 @@ def nginx_config(tmp: Path, listen: int, upstreams: list[str]) -> Path:
         (r"\nhttp \{", "\nhttp {" + temp),
         (r"\nuser nginx;", "\nuser root;" if os.geteuid() == 0 else "\n"),
     ):
-        text, n = re.subn(pattern, lambda _: replacement, text)
+        text, n = re.subn(pattern, lambda _, r=replacement: r, text)
         assert n == 1, f"deploy/nginx.conf no longer has {pattern!r}"
     path = tmp / "nginx.conf"
     path.write_text(text)

@@ -13,7 +13,15 @@ import threading
 
 import pytest
 
-from batcher import BatchError, BatcherStopped, DeadlineExceeded, DynamicBatcher, QueueFull, retry_after_header
+from batcher import (
+    BatchError,
+    BatcherStopped,
+    DeadlineExceeded,
+    DynamicBatcher,
+    QueueFull,
+    drain_time_s,
+    retry_after_header,
+)
 from tests.conftest import StubModel
 
 pytestmark = pytest.mark.anyio
@@ -24,6 +32,11 @@ async def started(fn, **kw) -> DynamicBatcher:
     b = DynamicBatcher(fn, **kw)
     await b.start()
     return b
+
+
+async def values(*futs: asyncio.Future) -> list:
+    """The results of submit_nowait futures (each resolves to a Done)."""
+    return [d.value for d in await asyncio.gather(*futs)]
 
 
 async def until(predicate, limit_s: float = 10.0) -> None:
@@ -42,7 +55,7 @@ async def test_full_batch_forms_only_when_the_last_item_arrives() -> None:
     await asyncio.sleep(0.05)
     assert not any(f.done() for f in futs) and stub.batches == []  # the first n-1 stay pending
     futs.append(b.submit_nowait(3))
-    assert await asyncio.gather(*futs) == [0, 2, 4, 6]
+    assert await values(*futs) == [0, 2, 4, 6]
     assert stub.sizes == [4]
     await b.stop()
 
@@ -65,7 +78,7 @@ async def test_items_queued_during_compute_form_the_next_batch() -> None:
     await until(stub.entered.is_set)
     rest = [b.submit_nowait(x) for x in "bcdef"]  # arrive while "a" computes
     gate.set()
-    assert await asyncio.gather(first, *rest) == ["aa", "bb", "cc", "dd", "ee", "ff"]
+    assert await values(first, *rest) == ["aa", "bb", "cc", "dd", "ee", "ff"]
     assert stub.sizes == [1, 5]
     await b.stop()
 
@@ -84,8 +97,8 @@ async def test_max_wait_counts_from_when_the_model_is_free() -> None:
     later: list[asyncio.Future] = []
     first.add_done_callback(lambda _f: later.append(b.submit_nowait("c")))
     gate.set()
-    assert await first == "aa" and await second == "bb"
-    assert await later[0] == "cc"
+    assert (await first).value == "aa" and (await second).value == "bb"
+    assert (await later[0]).value == "cc"
     assert stub.sizes == [1, 2]
     await b.stop()
 
@@ -120,15 +133,13 @@ async def test_queue_full_is_refused_at_once_with_retry_after() -> None:
     assert err.value.depth == 2 and err.value.retry_after_s > 0
     assert b.stats.refused == 1
     gate.set()
-    assert await asyncio.gather(held, *queued) == [0, 2, 4]
+    assert await values(held, *queued) == [0, 2, 4]
     await b.stop()
 
 
 async def test_retry_after_tracks_depth_and_measured_throughput() -> None:
-    b = DynamicBatcher(StubModel(), max_batch_size=4)
-    b.stats.items_per_s = 100.0
-    b._live = 250
-    assert b.retry_after_s() == pytest.approx(2.5)
+    assert drain_time_s(250, items_per_s=100.0) == pytest.approx(2.5)
+    assert drain_time_s(250, items_per_s=0.0) == 1.0  # nothing measured yet
     assert retry_after_header(2.5) == "3" and retry_after_header(0.01) == "1"
 
 
@@ -142,7 +153,7 @@ async def test_deadline_answers_queued_item_and_never_computes_it() -> None:
     with pytest.raises(DeadlineExceeded):
         await late
     gate.set()
-    assert await held == "computingcomputing"
+    assert (await held).value == "computingcomputing"
     await b.stop()
     assert "late" not in stub.computed and b.stats.expired == 1
 
@@ -158,7 +169,7 @@ async def test_cancelled_caller_is_skipped_not_computed() -> None:
     await asyncio.sleep(0)
     caller.cancel()
     gate.set()
-    assert await asyncio.gather(held, kept) == ["xx", "keptkept"]
+    assert await values(held, kept) == ["xx", "keptkept"]
     await b.stop()
     assert "gone" not in stub.computed and b.stats.cancelled == 1
 
@@ -168,7 +179,7 @@ async def test_failure_reaches_only_the_items_that_cause_it() -> None:
     b = await started(stub, max_batch_size=8, max_wait_s=HUGE_WAIT)
     futs = [b.submit_nowait(i) for i in range(8)]
     outcomes = await asyncio.gather(*futs, return_exceptions=True)
-    assert [o for i, o in enumerate(outcomes) if i != 5] == [2 * i for i in range(8) if i != 5]
+    assert [o.value for i, o in enumerate(outcomes) if i != 5] == [2 * i for i in range(8) if i != 5]
     assert isinstance(outcomes[5], ValueError) and "cannot process 5" in str(outcomes[5])
     assert b.stats.items_failed == 1
     assert await asyncio.gather(*(b.submit(i) for i in range(10, 18))) == [2 * i for i in range(10, 18)]  # serving
@@ -193,7 +204,7 @@ async def test_stop_finishes_everything_queued_and_refuses_new_items() -> None:
         b.submit_nowait(99)
     gate.set()
     await stopping
-    assert [f.result() for f in futs] == [2 * i for i in range(10)]
+    assert [f.result().value for f in futs] == [2 * i for i in range(10)]
 
 
 async def test_healthy_turns_false_when_a_batch_stalls() -> None:

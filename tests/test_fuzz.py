@@ -100,7 +100,7 @@ async def _run_schedule(config: dict, ops: list[tuple[str, object]]) -> None:
         elif fut.exception() is not None:
             assert i in bad and isinstance(fut.exception(), ValueError), f"item {i}: {fut.exception()!r}"
         else:
-            assert i not in bad and fut.result() == 2 * i and computed[i] >= 1
+            assert i not in bad and fut.result().value == 2 * i and computed[i] >= 1
     for i, times in computed.items():
         assert i in futures, f"item {i} was refused but computed"
         if times > 1:  # only bisection recomputes, and only items that shared a batch that raised

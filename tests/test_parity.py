@@ -14,6 +14,7 @@ import pytest
 
 import batched_server
 import naive_server
+from serving.engine import ladder_length
 from serving.model import load_engine, plan_groups
 from serving.settings import Settings
 from tests.conftest import serving
@@ -43,7 +44,7 @@ async def test_batched_matches_naive_over_http(settings: Settings, policy: str) 
         in_batch = await c.post("/predict/batch", json={"texts": TEXTS})
     got = [a.json() for a in answers]
     assert max(g["batch_size"] for g in got) > 1  # they really shared forward passes
-    for text, want, single, from_batch in zip(TEXTS, expected, got, in_batch.json()["predictions"]):
+    for text, want, single, from_batch in zip(TEXTS, expected, got, in_batch.json()["predictions"], strict=True):
         for answer in (single, from_batch):
             assert answer["label"] == want["label"], text
             assert answer["score"] == pytest.approx(want["score"], abs=1e-4), text
@@ -55,7 +56,7 @@ def test_stand_in_parity_when_padded_with_long_companions() -> None:
     alone = [engine.predict([t])[0] for t in TEXTS]
     together = engine.predict(TEXTS)
     assert {p.batch_size for p in together} == {len(TEXTS)}
-    for text, a, b in zip(TEXTS, alone, together):
+    for text, a, b in zip(TEXTS, alone, together, strict=True):
         assert a.label == b.label, text
         assert abs(a.score - b.score) < 1e-4, text
 
@@ -68,7 +69,11 @@ def test_plan_groups_covers_every_item_once() -> None:
         groups = plan_groups(lengths, policy, 600, cost)
         assert sorted(i for g in groups for i in g) == list(range(len(lengths))), policy
     assert plan_groups(lengths, "cost", 600, flat_cost) == [sorted(range(10), key=lambda i: lengths[i])]
-    assert all(len({lengths[i] for i in g}) == 1 for g in plan_groups(lengths, "cost", 600, token_cost))
+    # no fixed cost: a pass is padded to the length ladder, so groups never mix ladder lengths,
+    # and texts that share a ladder length share a pass (merging them costs nothing)
+    groups = plan_groups(lengths, "cost", 600, token_cost)
+    assert all(len({ladder_length(lengths[i]) for i in g}) == 1 for g in groups)
+    assert len(groups) == len({ladder_length(n) for n in lengths})
     assert all(
         len(g) * max(lengths[i] for i in g) <= 600 or len(g) == 1
         for g in plan_groups(lengths, "tokens", 600, flat_cost)

@@ -44,7 +44,7 @@ def fault_app() -> FastAPI:
     """uvicorn --factory tests.test_reliability:fault_app (FAULT_STALL_S, FAULT_BATCH_DELAY_MS).
 
     The test hook: the real app from batched_server.create_app(), plus two /_fault routes (release the
-    held worker; pid, queue depth and requests read so far), and engine.predict wrapped once loaded."""
+    held worker; pid, queue depth and requests read so far), and engine.predict_ids wrapped once loaded."""
     import batched_server
 
     if os.environ.get("FAULT_STALL_S"):  # STALL_S is a module constant; lowered so a test can wait it out
@@ -58,22 +58,23 @@ def fault_app() -> FastAPI:
     @asynccontextmanager
     async def lifespan(a) -> AsyncIterator[None]:
         async with inner(a):
-            engine = a.state.engine
-            real = engine.predict
+            engine = a.state.service.engine
+            real = engine.predict_ids
+            hang, die, fail = engine.tokenize([HANG, DIE, RAISE])  # the worker sees token ids
 
-            def predict(texts, on_pass=None):
-                if HANG in texts:
+            def predict_ids(ids, on_pass=None, tokenize_ms=0.0):
+                if hang in ids:
                     state["hanging"] += 1
                     release.acquire(timeout=60)  # bounded: a forgotten release cannot block shutdown forever
                     state["hanging"] -= 1
-                if DIE in texts:
+                if die in ids:
                     raise WorkerDied("injected")
-                if RAISE in texts:
+                if fail in ids:
                     raise RuntimeError("CUDA out of memory (injected)")
                 time.sleep(delay_s)
-                return real(texts, on_pass=on_pass)
+                return real(ids, on_pass=on_pass, tokenize_ms=tokenize_ms)
 
-            engine.predict = predict
+            engine.predict_ids = predict_ids
             yield
 
     app.router.lifespan_context = lifespan
@@ -85,7 +86,8 @@ def fault_app() -> FastAPI:
 
     @app.get("/_fault/state")
     async def fault_state(request: Request) -> dict[str, int]:
-        batcher = getattr(request.app.state, "batcher", None)
+        service = request.app.state.service
+        batcher = service.batcher if service is not None else None
         return {"pid": os.getpid(), "depth": batcher.depth if batcher else 0, **state}
 
     class CountReceived:  # pure ASGI, so it cannot change how disconnects reach the endpoint
@@ -273,7 +275,7 @@ async def test_a_raising_batch_fails_only_its_culprit_and_serving_goes_on(server
         async with hung_worker(c):
             pending = [asyncio.ensure_future(c.post("/predict", json={"text": t})) for t in texts]
             await until(lambda: _state_is(c, "depth", 4))
-        answers = dict(zip(texts, await asyncio.gather(*pending)))
+        answers = dict(zip(texts, await asyncio.gather(*pending), strict=True))
         after_fault = await c.post("/predict", json={"text": "still serving"})
         ready = await c.get("/ready")
     assert {t: r.status_code for t, r in answers.items()} == {"good 0": 200, RAISE: 500, "good 1": 200, "good 2": 200}

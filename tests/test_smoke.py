@@ -64,7 +64,8 @@ def test_locust_headless_run_has_requests_and_no_failures(
         timeout=60,
         capture_output=True,
     )
-    rows = {r["Name"]: r for r in csv.DictReader(open(f"{prefix}_stats.csv"))}
+    with open(f"{prefix}_stats.csv", newline="") as f:
+        rows = {r["Name"]: r for r in csv.DictReader(f)}
     total = rows["Aggregated"]
     assert int(total["Request Count"]) > 0
     assert int(total["Failure Count"]) == 0

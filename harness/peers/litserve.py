@@ -1,11 +1,12 @@
 """LitServe serving the same model: a peer row of `python -m harness.bench --peers`, not part of the product.
 
-    pip install -r harness/peers/requirements-litserve.txt
-    python -m harness.peers.litserve --port 8002     # POST /predict {"text": ...} -> {"label", "score"}; GET /health
+    python -m harness.peers.envs build litserve        # .peers/litserve/ (litserve)
+    .peers/litserve/bin/python -m harness.peers.litserve --port 8002
+    # POST /predict {"text": ...} -> {"label", "score"}; GET /health
 
-Same model, device and dtype as the servers (model.load_engine reads the same environment variables),
-LitServe's own dynamic batching at max batch 64 and 10 ms, and the batch function a LitServe user
-would write: one forward pass per batch, padded to its longest text.
+Same model, device and dtype as the servers (harness/peers/engine.py: serving.model.load_engine reads
+the same environment variables), LitServe's own dynamic batching at max batch 64 and 10 ms, and the
+batch function a LitServe user would write: one forward pass per batch, padded to its longest text.
 """
 
 # No `from __future__ import annotations` here: LitServe builds its request model from decode_request's
@@ -14,9 +15,8 @@ import argparse
 from typing import Any
 
 import litserve as ls
-import torch
 
-from serving.model import load_engine
+from harness.peers.engine import classify, load
 from serving.settings import Settings
 
 MAX_BATCH_SIZE = 64
@@ -25,22 +25,13 @@ BATCH_TIMEOUT_S = 0.010
 
 class SentimentAPI(ls.LitAPI):
     def setup(self, device: str) -> None:  # LitServe's device is ignored: DEVICE decides, as for the servers
-        self.engine = load_engine(Settings.from_env())
-        self.labels = self.engine.model.config.id2label
+        self.engine = load()
 
     def decode_request(self, request: dict[str, Any]) -> str:
         return request["text"]
 
-    @torch.inference_mode()
     def predict(self, texts: list[str]) -> list[dict[str, Any]]:
-        e = self.engine
-        enc = e.tokenizer(texts, padding=True, truncation=True, max_length=512, return_tensors="pt")
-        logits = e.model(
-            input_ids=enc["input_ids"].to(e.device), attention_mask=enc["attention_mask"].to(e.device)
-        ).logits
-        probs = logits.float().softmax(-1).cpu()
-        best = probs.argmax(-1).tolist()
-        return [{"label": self.labels[b], "score": float(probs[i, b])} for i, b in enumerate(best)]
+        return [{"label": label, "score": score} for label, score in classify(self.engine, texts)]
 
     def encode_response(self, output: dict[str, Any]) -> dict[str, Any]:
         return output

@@ -1,0 +1,259 @@
+"""In-process speed and agreement of every engine, and packed versus padded passes, on the machine at hand.
+
+    MODEL_ID=stand-in python -m harness.engines --corpus data/reviews.txt --out results/engines-cpu   # ~10 min
+    MODEL_ID=stand-in python -m harness.engines --quick --out /tmp/engines      # subset, one round: ~4 min
+    python -m harness.engines --only packing --takes 20 --rounds 3              # one section
+
+Writes engines.json and engines.md in --out. No HTTP: the model alone, forward only (tokenized once
+beforehand), padding, softmax and the copy to the CPU included, 2 threads = torch's default here.
+
+engines: torch fp32 / bf16 / int8 (torch.ao dynamic quantization, deprecated; torchao when installed)
+and ONNX Runtime fp32 / int8 (serving.onnx_runner, spinning on and off), each over length-sorted
+batches of 16 (every text once a round) and batches of one (a length-stratified subset), and the max
+and mean abs diff of P(positive) from torch fp32 over the corpus, plus label flips where fp32 is not
+within 1e-2 of 0.5. packing: random takes of 32 texts, one pass each, padded to the longest versus
+serving.packed (each attention variant), against the one-length limit (the same texts, length-sorted,
+cut into batches of 32), in fp32 and bf16, with max |dP| of each from the padded pass.
+
+Rounds alternate engines (a pass each, in turn) so a busy machine slows them alike; the best round is
+reported. oneDNN's primitive cache is left at its default here (load_engine sets it to 0): set
+ONEDNN_PRIMITIVE_CACHE_CAPACITY=0 yourself to measure that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import random
+import shlex
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.references import cpu_info, git_state, read_corpus, versions
+
+Run = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, attention_mask) -> logits
+
+
+def padded(ids: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), longest), dtype=torch.long)
+    for row, x in enumerate(ids):
+        input_ids[row, : len(x)] = torch.tensor(x)
+        mask[row, : len(x)] = 1
+    return input_ids, mask
+
+
+def torch_run(model: torch.nn.Module) -> Run:
+    @torch.inference_mode()
+    def run(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=input_ids, attention_mask=mask).logits.float()
+
+    return run
+
+
+def weights_key(path: str, model: torch.nn.Module) -> str:
+    """What the ONNX cache is keyed by: where the weights came from and a hash of them."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return f"{path}#{h.hexdigest()[:16]}"
+
+
+def build_engines(model: Any, path: str, cache_dir: Path) -> tuple[dict[str, Run], dict[str, Any]]:
+    """Every engine this machine can run, from the one fp32 model; notes say what was skipped and why."""
+    engines: dict[str, Run] = {"torch fp32": torch_run(model), "torch bf16": torch_run(copy.deepcopy(model).bfloat16())}
+    notes: dict[str, Any] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation: measured here on purpose
+        ao = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+    engines["torch int8 (torch.ao)"] = torch_run(ao)
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+        tao = copy.deepcopy(model)
+        quantize_(tao, Int8DynamicActivationInt8WeightConfig())
+        engines["torch int8 (torchao)"] = torch_run(tao)
+    except ImportError as exc:
+        notes["torchao"] = f"not measured: {exc}"
+    from serving.onnx_runner import load_onnx_runner
+
+    key, cpu = weights_key(path, model), torch.device("cpu")
+    for dtype in ("fp32", "int8"):
+        t0 = time.perf_counter()
+        runner = load_onnx_runner(model, key, dtype, cpu, cache_dir)
+        notes[f"onnx {dtype}"] = {**runner.describe(), "load_s": round(time.perf_counter() - t0, 1)}
+        engines[f"onnx {dtype}"] = runner
+    engines["onnx int8, no spinning"] = load_onnx_runner(model, key, "int8", cpu, cache_dir, spin=False)
+    return engines, notes
+
+
+def one_pass(run: Run, batches: list[list[int]], ids: list[list[int]]) -> tuple[float, dict[int, float]]:
+    """Seconds for one pass over batches, and P(last label) per text."""
+    p_pos: dict[int, float] = {}
+    elapsed = 0.0
+    for batch in batches:
+        input_ids, mask = padded([ids[i] for i in batch])
+        t0 = time.perf_counter()
+        probs = run(input_ids, mask).softmax(-1)[:, -1].cpu()
+        elapsed += time.perf_counter() - t0
+        p_pos.update(zip(batch, probs.tolist(), strict=True))
+    return elapsed, p_pos
+
+
+def agreement(ref: dict[int, float], other: dict[int, float]) -> dict[str, float | int]:
+    diffs = [abs(ref[i] - other[i]) for i in ref]
+    flips = [i for i in ref if (ref[i] >= 0.5) != (other[i] >= 0.5) and abs(ref[i] - 0.5) >= 1e-2]
+    return {"max_abs_diff": max(diffs), "mean_abs_diff": sum(diffs) / len(diffs), "flips_outside_1e-2": len(flips)}
+
+
+def section_engines(args: argparse.Namespace, model: Any, path: str, ids: list[list[int]]) -> dict[str, Any]:
+    engines, notes = build_engines(model, path, args.onnx_cache)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    b16 = [order[i : i + 16] for i in range(0, len(order), 16)]
+    b1 = [[i] for i in order[:: max(1, len(order) // args.batch1_texts)]]
+    best: dict[str, dict[str, float]] = {name: {"b16": 0.0, "b1": 0.0} for name in engines}
+    p_pos: dict[str, dict[int, float]] = {}
+    for run in engines.values():  # warm: first calls allocate, pick kernels, fill the primitive cache
+        one_pass(run, b16, ids)
+        one_pass(run, b1, ids)
+    for _ in range(args.rounds):
+        for name, run in engines.items():
+            seconds, p_pos[name] = one_pass(run, b16, ids)
+            best[name]["b16"] = max(best[name]["b16"], len(ids) / seconds)
+            seconds, _ = one_pass(run, b1, ids)
+            best[name]["b1"] = max(best[name]["b1"], len(b1) / seconds)
+    rows = []
+    for name in engines:
+        rows.append({"engine": name, "batch16_seq_s": best[name]["b16"], "batch1_seq_s": best[name]["b1"]})
+        rows[-1].update(agreement(p_pos["torch fp32"], p_pos[name]))
+    return {"texts": len(ids), "batch1_texts": len(b1), "rows": rows, "notes": notes}
+
+
+def section_packing(args: argparse.Namespace, model: Any, ids: list[list[int]]) -> dict[str, Any]:
+    from serving.packed import ATTENTION, packed_forward
+
+    rng = random.Random(0)
+    takes = [rng.sample(range(len(ids)), 32) for _ in range(args.takes)]
+    union = sorted((i for take in takes for i in take), key=lambda i: len(ids[i]))
+    limit = [union[i : i + 32] for i in range(0, len(union), 32)]
+    out: dict[str, Any] = {"takes": len(takes), "texts_per_take": 32}
+    for dtype, m in (("fp32", model), ("bf16", copy.deepcopy(model).bfloat16())):
+        run_padded = torch_run(m)
+        ways: dict[str, Callable[[list[list[int]]], torch.Tensor]] = {
+            "padded to longest": lambda x, r=run_padded: r(*padded(x)),
+            **{f"packed, {a}": lambda x, a=a, m=m: packed_forward(m, x, attention=a) for a in ATTENTION},
+        }
+        best = dict.fromkeys([*ways, "one-length limit"], 0.0)
+        dp = dict.fromkeys(ways, 0.0)
+        for rnd in range(args.rounds + 1):  # round 0 warms up (kernels, oneDNN primitives per shape)
+            spent = dict.fromkeys(best, 0.0)
+            for take, batch in zip(takes, limit, strict=False):
+                texts = [ids[i] for i in take]
+                ref = None
+                for name, way in ways.items():
+                    t0 = time.perf_counter()
+                    probs = way(texts).softmax(-1)
+                    spent[name] += time.perf_counter() - t0
+                    ref = probs if ref is None else ref
+                    dp[name] = max(dp[name], float((probs - ref).abs().max()))
+                t0 = time.perf_counter()
+                run_padded(*padded([ids[i] for i in batch])).softmax(-1)
+                spent["one-length limit"] += time.perf_counter() - t0
+            if rnd:
+                n = {k: len(union) if k == "one-length limit" else 32 * len(takes) for k in spent}
+                best = {k: max(best[k], n[k] / spent[k]) for k in best}
+        top = best["one-length limit"]
+        out[dtype] = [
+            {"way": k, "seq_s": v, "of_limit": v / top, "max_dP_vs_padded": dp.get(k)} for k, v in best.items()
+        ]
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"# Engines, in-process ({result['model_source']}, {result['cpu']['model_name']}, {result['threads']} threads)"
+    ]
+    lines += ["", f"`{result['command']}`", ""]
+    if "engines" in result:
+        e = result["engines"]
+        lines += [f"## Engines ({e['texts']} texts; batches of one: {e['batch1_texts']} of them)", ""]
+        lines += ["| engine | batch 16, seq/s | batch 1, seq/s | max abs dP vs torch fp32 | mean | flips |"]
+        lines += ["|---|---:|---:|---:|---:|---:|"]
+        for r in e["rows"]:
+            lines.append(
+                f"| {r['engine']} | {r['batch16_seq_s']:.1f} | {r['batch1_seq_s']:.1f} | {r['max_abs_diff']:.2g} "
+                f"| {r['mean_abs_diff']:.2g} | {r['flips_outside_1e-2']} |"
+            )
+    if "packing" in result:
+        p = result["packing"]
+        lines += ["", f"## Packed passes ({p['takes']} random takes of {p['texts_per_take']} texts)", ""]
+        lines += ["| dtype | way | seq/s | of one-length limit | max abs dP vs padded |", "|---|---|---:|---:|---:|"]
+        for dtype in ("fp32", "bf16"):
+            for r in p.get(dtype, []):
+                dp = "" if r["max_dP_vs_padded"] is None else f"{r['max_dP_vs_padded']:.2g}"
+                lines.append(f"| {dtype} | {r['way']} | {r['seq_s']:.1f} | {r['of_limit']:.2f} | {dp} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--corpus", default="data/reviews.txt")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--only", choices=("engines", "packing"))
+    ap.add_argument("--rounds", type=int, default=2, help="timed rounds; the best is reported")
+    ap.add_argument("--takes", type=int, default=12, help="packing: random takes of 32 texts")
+    ap.add_argument("--batch1-texts", type=int, default=64, help="engines: texts run one at a time")
+    ap.add_argument("--texts", type=int, default=0, help="use a length-stratified subset of the corpus (0: all)")
+    ap.add_argument("--onnx-cache", type=Path, default=Path.home() / ".cache" / "sentimentalyzer" / "onnx")
+    ap.add_argument("--quick", action="store_true", help="--texts 96 --rounds 1 --takes 4 --batch1-texts 24")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.texts, args.rounds, args.takes, args.batch1_texts = 96, 1, 4, 24
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from serving.model import resolve_source
+    from serving.settings import Settings
+
+    source = resolve_source(Settings.from_env())
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    model = AutoModelForSequenceClassification.from_pretrained(source.path).eval()
+    texts = read_corpus(args.corpus)
+    ids = tokenizer(texts, truncation=True, max_length=512)["input_ids"]
+    if args.texts:
+        ids = sorted(ids, key=len)[:: max(1, len(ids) // args.texts)][: args.texts]
+    result: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": shlex.join(["python", "-m", "harness.engines", *(sys.argv[1:] if argv is None else argv)]),
+        "corpus": args.corpus,
+        "model_source": source.kind,
+        "model_path": source.path,
+        "threads": torch.get_num_threads(),
+        "onednn_primitive_cache_capacity": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "default"),
+        "cpu": cpu_info(),
+        "versions": versions("torch", "transformers", "onnxruntime", "onnx", "onnxscript", "torchao"),
+        **git_state(),
+    }
+    if args.only in (None, "engines"):
+        result["engines"] = section_engines(args, model, source.path, ids)
+    if args.only in (None, "packing"):
+        result["packing"] = section_packing(args, model, ids)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "engines.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (args.out / "engines.md").write_text(markdown(result), encoding="utf-8")
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

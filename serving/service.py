@@ -1,0 +1,98 @@
+"""The app factory both servers share: a Service (how requests reach the model) behind the contract.
+
+    from serving.service import create_app
+    app = create_app("naive", InlineService, settings)   # naive_server.py
+    app = create_app("batched", BatchedService, settings)  # batched_server.py
+
+A Service is built in the app's lifespan from the settings and the app's metrics, then `start`ed
+(load, warm up, start workers); /ready asks `ready()` and shows `describe()`; POST /predict and
+/predict/batch validate the body, then await `predict(request, texts)`; on shutdown `stop()` runs
+after uvicorn has stopped accepting (the batched one finishes everything queued). The routes exist
+once, here: a server module holds only what makes it different.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Protocol
+
+from fastapi import FastAPI, Request, Response
+
+from serving.api import (
+    BatchedPredictResponse,
+    BatchRequest,
+    BatchResponse,
+    Label,
+    PredictRequest,
+    PredictResponse,
+    build_app,
+    check_texts,
+    require_ready,
+)
+from serving.model import Prediction
+from serving.ops import Observability
+from serving.settings import Settings
+
+
+class Service(Protocol):
+    async def start(self) -> None:
+        """Loads and warms up the model and starts whatever serves it; the app is ready after."""
+
+    def ready(self) -> bool:
+        """Whether requests can be answered now (false while stopping, or once a worker died)."""
+
+    def describe(self) -> dict[str, object]:
+        """The /ready body: model, engine and, for the batched server, its batching settings."""
+
+    async def predict(self, request: Request, texts: list[str]) -> list[Prediction]:
+        """One Prediction per text, in order; raises api.ApiError for answers other than 200."""
+
+    async def stop(self) -> None:
+        """Called once uvicorn stopped accepting: finish what was accepted, then release."""
+
+
+def create_app(kind: str, service_of: Callable[[Settings, Observability], Service], settings: Settings) -> FastAPI:
+    """The contract's app (api.build_app) with the prediction routes served by `service_of`'s Service."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service = service_of(app.state.settings, app.state.obs)
+        await service.start()
+        app.state.service = service
+        app.state.obs.ready.set(1)
+        try:
+            yield
+        finally:
+            app.state.obs.ready.set(0)
+            await service.stop()
+
+    app = build_app(kind, lifespan, settings)
+    batched = kind == "batched"
+
+    @app.post("/predict", response_model=BatchedPredictResponse if batched else PredictResponse)
+    async def predict(body: PredictRequest, request: Request, response: Response) -> PredictResponse:
+        started = time.perf_counter()
+        check_texts(require_ready(request), [body.text], batch=False)
+        p = (await request.app.state.service.predict(request, [body.text]))[0]
+        latency_ms = (time.perf_counter() - started) * 1000
+        if not batched:
+            return PredictResponse(label=p.label, score=p.score, latency_ms=latency_ms)
+        response.headers["X-Batch-Size"] = str(p.batch_size)
+        response.headers["Server-Timing"] = (
+            f"queue;dur={p.queue_ms:.2f}, tokenize;dur={p.tokenize_ms:.2f}, infer;dur={p.infer_ms:.2f}"
+        )
+        return BatchedPredictResponse(label=p.label, score=p.score, batch_size=p.batch_size, latency_ms=latency_ms)
+
+    @app.post("/predict/batch")
+    async def predict_batch(body: BatchRequest, request: Request) -> BatchResponse:
+        started = time.perf_counter()
+        check_texts(require_ready(request), body.texts, batch=True)
+        preds = await request.app.state.service.predict(request, body.texts)
+        return BatchResponse(
+            predictions=[Label(label=p.label, score=p.score) for p in preds],
+            latency_ms=(time.perf_counter() - started) * 1000,
+        )
+
+    return app
