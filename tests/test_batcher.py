@@ -16,6 +16,7 @@ import pytest
 from batcher import (
     BatchError,
     BatcherStopped,
+    BatchInfo,
     DeadlineExceeded,
     DynamicBatcher,
     QueueFull,
@@ -234,3 +235,86 @@ async def test_batching_beats_one_by_one_on_a_fixed_cost_model() -> None:
 def test_invalid_limits_are_rejected() -> None:
     with pytest.raises(ValueError, match="max_batch_size"):
         DynamicBatcher(lambda xs: xs, max_batch_size=0)
+
+
+async def test_a_lone_request_goes_straight_to_the_model() -> None:
+    # no arrival history, so no companion is likely: even a huge max_wait is not waited out
+    stub = StubModel()
+    infos: list[BatchInfo] = []
+    b = await started(stub, max_batch_size=64, max_wait_s=HUGE_WAIT, on_batch=infos.append)
+    assert await asyncio.wait_for(b.submit(1), 10) == 2
+    assert stub.sizes == [1] and [i.reason for i in infos] == ["idle"]
+    await b.stop()
+
+
+async def test_done_carries_queue_wait_and_batch_size() -> None:
+    stub = StubModel()
+    b = await started(stub, max_batch_size=3, max_wait_s=HUGE_WAIT)
+    done = await asyncio.gather(*(b.submit_nowait(i) for i in range(3)))
+    assert [d.value for d in done] == [0, 2, 4] and {d.batch_size for d in done} == {3}
+    assert all(d.queue_wait_s >= 0 for d in done)
+    await b.stop()
+
+
+async def test_a_pass_is_cut_at_the_cost_budget() -> None:
+    gate = threading.Event()
+    stub = StubModel(gate=gate, f=len)
+    infos: list[BatchInfo] = []
+    b = await started(stub, max_batch_size=64, max_wait_s=0, cost_of=len, max_batch_cost=10, on_batch=infos.append)
+    held = b.submit_nowait("x")
+    await until(stub.entered.is_set)
+    queued = [b.submit_nowait(t) for t in ("aaaa", "bbbb", "cccc", "dddddddddddd")]
+    assert b.queued_cost == 24
+    gate.set()
+    assert await values(held, *queued) == [1, 4, 4, 4, 12]
+    assert stub.batches == [["x"], ["aaaa", "bbbb"], ["cccc"], ["dddddddddddd"]]  # an item over budget goes alone
+    assert [i.cost for i in infos] == [1, 8, 4, 12] and b.queued_cost == 0
+    await b.stop()
+
+
+async def test_queue_cost_bound_refuses_at_once() -> None:
+    gate = threading.Event()
+    stub = StubModel(gate=gate, f=len)
+    b = await started(stub, max_batch_size=1, max_wait_s=0, cost_of=len, max_queue_cost=8)
+    held = b.submit_nowait("x")
+    await until(lambda: b.depth == 0)
+    kept = b.submit_nowait("aaaaaa")
+    with pytest.raises(QueueFull) as err:
+        b.submit_nowait("bbb")  # 6 + 3 > 8
+    assert err.value.reason == "queue_full"
+    small = b.submit_nowait("cc")  # 6 + 2 fits
+    gate.set()
+    assert await values(held, kept, small) == [1, 6, 2]
+    await b.stop()
+
+
+async def test_a_request_that_would_miss_its_deadline_is_refused_on_arrival() -> None:
+    gate = threading.Event()
+    stub = StubModel(gate=gate, f=len)
+    drops: list[str] = []
+    b = await started(
+        stub, max_batch_size=1, max_wait_s=0, timeout_s=1.0, cost_of=len, admit_by_deadline=True, on_drop=drops.append
+    )
+    assert b.predicted_answer_s(100) is None  # nothing measured yet: admitted, the 504 path guards it
+    b.stats.cost_per_s = 10.0  # as if measured: 10 cost units a second
+    held = b.submit_nowait("x" * 5)  # 0.5 s
+    await until(lambda: b.depth == 0)
+    with pytest.raises(QueueFull) as err:
+        b.submit_nowait("y" * 11)  # 1.1 s of its own: cannot be answered within 1 s
+    assert err.value.reason == "would_miss_deadline" and err.value.retry_after_s > 0
+    kept = b.submit_nowait("z" * 3)  # 0.3 s
+    assert drops == ["would_miss_deadline"] and b.stats.refused == 1
+    gate.set()
+    assert await values(held, kept) == [5, 3]
+    await b.stop()
+
+
+async def test_dispatch_reason_says_why_a_batch_started() -> None:
+    stub = StubModel()
+    infos: list[BatchInfo] = []
+    b = await started(stub, max_batch_size=2, max_wait_s=0.05, on_batch=infos.append)
+    await asyncio.gather(*(b.submit_nowait(i) for i in range(2)))  # full at once
+    third = b.submit_nowait(3)  # arrivals are frequent now, so it waits for a companion that never comes
+    await third
+    assert [i.reason for i in infos] == ["full", "waited"]
+    await b.stop()

@@ -1,0 +1,109 @@
+"""Which engine a setting picks, and what each refuses: BACKEND x DTYPE on the tiny model.
+
+    pytest tests/test_engines.py -q
+
+Speed is the benchmark's business (harness/engines.py, harness/bench.py); here: the DTYPE=auto rule
+from the CPU's flags, clear errors for combinations no engine runs, /ready naming the engine, the
+length ladder and packed passes bounding the shapes a pass can have.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import batched_server
+from serving import model as model_module
+from serving.engine import LENGTH_LADDER, PACK_STEP, ladder_length, pack_chunks
+from serving.model import load_engine, pick_dtype
+from serving.settings import Settings, SettingsError
+from tests.conftest import serving
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.mark.parametrize(
+    "flags, backend, expected",
+    [
+        ({"avx512f", "avx512_bf16", "amx_bf16", "amx_int8"}, "torch", "bf16"),  # Sapphire Rapids and later
+        ({"avx512f", "avx512_bf16", "avx512_vnni"}, "torch", "fp32"),  # AVX-512 bf16 but no AMX: fp32
+        ({"avx2"}, "torch", "fp32"),
+        ({"amx_bf16"}, "onnx", "fp32"),  # ONNX Runtime's CPU provider has no bf16 engine
+    ],
+)
+def test_dtype_auto_follows_the_cpu(
+    monkeypatch: pytest.MonkeyPatch, flags: set[str], backend: str, expected: str
+) -> None:
+    monkeypatch.setattr(model_module, "cpu_flags", lambda: frozenset(flags))
+    assert pick_dtype("auto", CPU, backend) == expected
+
+
+def test_dtype_auto_is_fp16_on_cuda() -> None:
+    assert pick_dtype("auto", CUDA, "torch") == "fp16"
+
+
+@pytest.mark.parametrize(
+    "dtype, device, backend, message",
+    [
+        ("int8", CPU, "torch", "BACKEND=onnx"),
+        ("int8", CUDA, "onnx", "DEVICE=cpu"),
+        ("fp16", CPU, "torch", "no fast CPU path"),
+        ("bf16", CPU, "onnx", "BACKEND=torch"),
+    ],
+)
+def test_combinations_no_engine_runs_fail_at_start(
+    dtype: str, device: torch.device, backend: str, message: str
+) -> None:
+    with pytest.raises(RuntimeError, match=message):
+        pick_dtype(dtype, device, backend)
+
+
+def test_backend_and_packing_are_validated() -> None:
+    with pytest.raises(SettingsError, match="BACKEND"):
+        Settings.from_env({"BACKEND": "tensorrt"})
+    with pytest.raises(SettingsError, match="PACKING"):
+        Settings.from_env({"PACKING": "always"})
+    assert Settings.from_env({"BACKEND": "onnx", "DTYPE": "int8"}).backend == "onnx"
+
+
+@pytest.mark.parametrize(
+    "changes, packed",
+    [({}, True), ({"packing": "off"}, False), ({"backend": "onnx", "dtype": "int8"}, False)],
+)
+def test_each_engine_loads_and_says_what_it_is(settings: Settings, changes: dict, packed: bool) -> None:
+    engine = load_engine(settings.replace(**changes))
+    info = engine.describe()
+    assert info["backend"] == changes.get("backend", "torch") and info["packed"] is packed
+    assert info["dtype"] == changes.get("dtype", "fp32")  # auto on a CPU without AMX (or onnx): fp32
+    [p] = engine.predict(["I loved it"])
+    assert p.label in ("POSITIVE", "NEGATIVE") and 0.5 <= p.score <= 1.0
+
+
+@pytest.mark.anyio
+async def test_ready_names_the_engine(settings: Settings) -> None:
+    async with serving(batched_server.create_app(settings.replace(backend="onnx", dtype="int8"))) as c:
+        body = (await c.get("/ready")).json()
+    assert (body["backend"], body["dtype"], body["packed"]) == ("onnx", "int8", False)
+    assert body["onnxruntime"] and body["batching"]["batch_policy"] == "cost"
+
+
+def test_length_ladder_bounds_the_shapes() -> None:
+    assert [ladder_length(n) for n in (1, 8, 9, 100, 511, 512)] == [8, 8, 16, 128, 512, 512]
+    # every length a padded pass can have, times every row count, fits oneDNN's default cache (1024)
+    assert len(LENGTH_LADDER) * 64 <= 1024 and LENGTH_LADDER[-1] == 512
+
+
+def test_packed_passes_round_to_the_pack_step_and_count_it(settings: Settings) -> None:
+    engine = load_engine(settings)
+    ids = engine.tokenize(["I loved it", "dull and far too long, with a plot nobody could follow"])
+    probs, computed = engine.forward(ids)
+    real = sum(len(x) for x in ids)
+    assert probs.shape == (2, 2) and computed % PACK_STEP == 0 and real <= computed < real + PACK_STEP
+    unpacked = load_engine(settings.replace(packing="off"))
+    assert torch.allclose(probs, unpacked.forward(ids)[0], atol=1e-5)  # the filler changes nothing
+
+
+def test_pack_chunks_respect_the_token_budget() -> None:
+    assert pack_chunks([3, 4, 5, 9, 1], 9) == [[0, 1], [2], [3], [4]]
+    assert pack_chunks([20], 9) == [[0]]  # longer than the budget: alone
+    assert pack_chunks([], 9) == []
