@@ -41,11 +41,12 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness.launch import ROOT, Process, environ
+from harness.limits import default_engine, engine_name, machine_engines
 from harness.peers import describe as describe_peers
 from harness.peers import launch as launch_peer
 from harness.peers import peer_configs
 from harness.peers import prepare as prepare_peers
-from harness.references import create_ceiling_app, environment, measure_agreement, measure_model_limit
+from harness.references import create_ceiling_app, environment
 
 SUMMARY_FIELDS = [
     "configuration",
@@ -83,11 +84,12 @@ class Profile:
     wait_ms: tuple[int, ...] = ()  # MAX_WAIT_MS values besides the default, at bus_users
     scale_workers: tuple[int, ...] = ()  # uvicorn --workers N rows (one model replica per process)
     open_loop_rps: float = 0.0  # > 0: a batched row at this offered rate (open loop), to read its p99
+    engine_users: tuple[int, ...] = (32,)  # user counts of the other engines' rows
     configs: tuple[str, ...] | None = None  # None = every configuration
 
 
 PROFILES = {
-    "cpu": Profile((1, 8, 32), 20, 3, (1, 4, 16), 32, (2,), 10, 0, (8, 16, 32, 64), 6.0, wait_ms=(0, 10)),
+    "cpu": Profile((1, 8, 32), 15, 3, (1, 4, 16), 32, (2,), 10, 0, (8, 16, 32, 64), 4.0, engine_users=(1, 32)),
     "quick": Profile(
         (8,), 5, 2, (), 8, (2,), 5, 0, (16,), 2.0, configs=("http-ceiling", "naive-threadpool", "batched")
     ),
@@ -126,8 +128,8 @@ def configurations(p: Profile, peers: bool, ops: bool = False) -> list[Config]:
     """Every configuration of a profile, references first so later rows can be compared with them."""
     top = (max(p.users),)
     cfgs = [Config("http-ceiling", "reference", "harness.bench:ceiling_app", top, p.duration_s)]
-    for mode in ("threadpool", "blocking"):
-        cfgs.append(Config(f"naive-{mode}", "naive", "naive_server:app", p.users, p.duration_s, {"NAIVE_MODE": mode}))
+    for mode, users in (("threadpool", p.users), ("blocking", top)):  # blocking: one point shows the damage
+        cfgs.append(Config(f"naive-{mode}", "naive", "naive_server:app", users, p.duration_s, {"NAIVE_MODE": mode}))
     cfgs.append(
         Config(
             "naive-on-demand", "naive", "naive_server:app", p.slow_users, p.slow_duration_s, {"NAIVE_MODE": "on-demand"}
@@ -138,42 +140,27 @@ def configurations(p: Profile, peers: bool, ops: bool = False) -> list[Config]:
         Config(f"batched-b{n}", "bus", "batched_server:app", (p.bus_users,), p.duration_s, {"MAX_BATCH_SIZE": str(n)})
         for n in p.bus_sizes
     ]
-    # the classic batcher pads each batch to its longest text: what length grouping is measured against
-    cfgs.append(
-        Config("batched-pad", "policy", "batched_server:app", (p.bus_users,), p.duration_s, {"BATCH_POLICY": "pad"})
-    )
+    # packing (the default on PyTorch) against length groups, and against the classic batcher that pads
+    # every batch to its longest text: the same server with PACKING=off, then also BATCH_POLICY=pad
+    for name, env in (
+        ("batched-grouped", {"PACKING": "off"}),
+        ("batched-pad", {"PACKING": "off", "BATCH_POLICY": "pad"}),
+    ):
+        cfgs.append(Config(name, "policy", "batched_server:app", (p.bus_users,), p.duration_s, env))
     # MAX_WAIT_MS (spec default 2): how long a free model waits for companions
     cfgs += [
         Config(f"batched-w{w}", "policy", "batched_server:app", (p.bus_users,), p.duration_s, {"MAX_WAIT_MS": str(w)})
         for w in p.wait_ms
     ]
-    cfgs.append(
-        Config(
-            "batched-tokens", "policy", "batched_server:app", (p.bus_users,), p.duration_s, {"BATCH_POLICY": "tokens"}
-        )
-    )
-    # a token budget near where one pass saturates the cores (about 256-512 tokens on 2 CPU cores)
-    cfgs.append(
-        Config(
-            "batched-tokens512",
-            "policy",
-            "batched_server:app",
-            (p.bus_users,),
-            p.duration_s,
-            {"BATCH_POLICY": "tokens", "MAX_BATCH_TOKENS": "512"},
-        )
-    )
-    if not p.processes:  # CPU profiles: dynamic int8 quantization is a CPU-only dtype
-        cfgs.append(
-            Config(
-                "batched-int8",
-                "policy",
-                "batched_server:app",
-                (p.bus_users,),
-                p.duration_s,
-                {"DTYPE": "int8", "DEVICE": "cpu"},
-            )
-        )
+    # every other engine the machine runs, naive and batched alike (the default engine's rows are above)
+    default = default_engine(bool(p.processes))
+    for backend, dtype in machine_engines(bool(p.processes)):
+        if (backend, dtype) == default:
+            continue
+        env = {"BACKEND": backend, "DTYPE": dtype, "NAIVE_MODE": "threadpool"}
+        name = engine_name(backend, dtype)
+        cfgs.append(Config(f"naive-{name}", "engine", "naive_server:app", p.engine_users, p.duration_s, env))
+        cfgs.append(Config(f"batched-{name}", "engine", "batched_server:app", p.engine_users, p.duration_s, env))
     if p.open_loop_rps:  # each of the top user count's users paces itself: offered load fixed, whatever the answers
         per_user = p.open_loop_rps / max(p.users)
         cfgs.append(
@@ -481,16 +468,10 @@ def describe(r: dict[str, Any]) -> str:
 def model_limit(a: argparse.Namespace, out: Path) -> dict[str, Any] | None:
     """Runs measure_model_limit in a subprocess, so its threads and memory are gone before servers start."""
     path, log = out / "model_limit.json", out / "logs" / "model_limit.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "harness.bench",
-        "--model-limit-json",
-        str(path),
-        "--corpus",
-        a.corpus,
-        *(["--quick"] if a.quick else ["--gpu"] if a.gpu else []),
-    ]
+    p = PROFILES[a.profile_name]
+    cmd = [sys.executable, "-m", "harness.limits", "--out", str(path), "--corpus", a.corpus]
+    cmd += ["--sizes", ",".join(map(str, p.limit_batches)), "--budget-s", str(p.limit_s)]
+    cmd += ["--gpu"] if a.gpu else []
     with open(log, "wb") as f:
         rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc != 0 or not path.exists():
@@ -515,11 +496,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--only", help="comma-separated configuration names to run")
     ap.add_argument("--users", help="comma-separated user counts, instead of the profile's")
     ap.add_argument("--duration", type=float, help="seconds per measured run, instead of the profile's")
-    ap.add_argument(
-        "--model-limit-json",
-        metavar="PATH",
-        help="only measure the model limit into PATH (what the run does in a subprocess)",
-    )
     a = ap.parse_args(argv)
     a.profile_name = "quick" if a.quick else "gpu" if a.gpu else "cpu"
     corpus = Path(a.corpus).resolve()
@@ -557,13 +533,6 @@ def select(a: argparse.Namespace) -> tuple[Profile, list[Config]]:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    if a.model_limit_json:  # the model-limit subprocess
-        p = PROFILES[a.profile_name]
-        limit = measure_model_limit(a.corpus, p.limit_batches, p.limit_s)
-        if a.profile_name == "cpu" and limit.get("model_source"):  # the int8 rows' accuracy beside their speed
-            limit["int8_agreement"] = measure_agreement(a.corpus, "int8")
-        Path(a.model_limit_json).write_text(json.dumps(limit, indent=2))
-        return 0
     p, cfgs = select(a)
     out = Path(a.out or f"results/{datetime.now():%Y%m%d-%H%M%S}-{a.profile_name}")
     (out / "logs").mkdir(parents=True, exist_ok=True)

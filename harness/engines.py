@@ -5,7 +5,8 @@
     python -m harness.engines --only packing --takes 20 --rounds 3              # one section
 
 Writes engines.json and engines.md in --out. No HTTP: the model alone, forward only (tokenized once
-beforehand), padding, softmax and the copy to the CPU included, 2 threads = torch's default here.
+beforehand), padding, softmax and the copy to the CPU included, at torch's default threads (--threads N:
+both torch and onnxruntime at N; 1 is the steadier figure on a machine shared with other work).
 
 engines: torch fp32 / bf16 / int8 (torch.ao dynamic quantization, deprecated; torchao when installed)
 and ONNX Runtime fp32 / int8 (serving.onnx_runner, spinning on and off), each over length-sorted
@@ -16,15 +17,14 @@ serving.packed (each attention variant), against the one-length limit (the same 
 cut into batches of 32), in fp32 and bf16, with max |dP| of each from the padded pass.
 
 Rounds alternate engines (a pass each, in turn) so a busy machine slows them alike; the best round is
-reported. oneDNN's primitive cache is left at its default here (load_engine sets it to 0): set
-ONEDNN_PRIMITIVE_CACHE_CAPACITY=0 yourself to measure that.
+reported. oneDNN's primitive cache is left at its default, as the servers leave it (their shapes are
+bounded); ONEDNN_PRIMITIVE_CACHE_CAPACITY=0 in the environment measures the cache off.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import os
 import random
@@ -42,6 +42,11 @@ import torch
 from harness.references import cpu_info, git_state, read_corpus, versions
 
 Run = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, attention_mask) -> logits
+T0 = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    print(f"[engines {time.perf_counter() - T0:6.0f}s] {message}", file=sys.stderr, flush=True)
 
 
 def padded(ids: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,16 +67,7 @@ def torch_run(model: torch.nn.Module) -> Run:
     return run
 
 
-def weights_key(path: str, model: torch.nn.Module) -> str:
-    """What the ONNX cache is keyed by: where the weights came from and a hash of them."""
-    h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return f"{path}#{h.hexdigest()[:16]}"
-
-
-def build_engines(model: Any, path: str, cache_dir: Path) -> tuple[dict[str, Run], dict[str, Any]]:
+def build_engines(model: Any, source: Any, cache_dir: Path) -> tuple[dict[str, Run], dict[str, Any]]:
     """Every engine this machine can run, from the one fp32 model; notes say what was skipped and why."""
     engines: dict[str, Run] = {"torch fp32": torch_run(model), "torch bf16": torch_run(copy.deepcopy(model).bfloat16())}
     notes: dict[str, Any] = {}
@@ -87,10 +83,12 @@ def build_engines(model: Any, path: str, cache_dir: Path) -> tuple[dict[str, Run
         engines["torch int8 (torchao)"] = torch_run(tao)
     except ImportError as exc:
         notes["torchao"] = f"not measured: {exc}"
+    from serving.model import weights_key
     from serving.onnx_runner import load_onnx_runner
 
-    key, cpu = weights_key(path, model), torch.device("cpu")
+    key, cpu = weights_key(source, model), torch.device("cpu")  # the servers' key: one cache for both
     for dtype in ("fp32", "int8"):
+        progress(f"onnx {dtype}: loading (exports on the first run)")
         t0 = time.perf_counter()
         runner = load_onnx_runner(model, key, dtype, cpu, cache_dir)
         notes[f"onnx {dtype}"] = {**runner.describe(), "load_s": round(time.perf_counter() - t0, 1)}
@@ -118,18 +116,20 @@ def agreement(ref: dict[int, float], other: dict[int, float]) -> dict[str, float
     return {"max_abs_diff": max(diffs), "mean_abs_diff": sum(diffs) / len(diffs), "flips_outside_1e-2": len(flips)}
 
 
-def section_engines(args: argparse.Namespace, model: Any, path: str, ids: list[list[int]]) -> dict[str, Any]:
-    engines, notes = build_engines(model, path, args.onnx_cache)
+def section_engines(args: argparse.Namespace, model: Any, source: Any, ids: list[list[int]]) -> dict[str, Any]:
+    engines, notes = build_engines(model, source, args.onnx_cache)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     b16 = [order[i : i + 16] for i in range(0, len(order), 16)]
     b1 = [[i] for i in order[:: max(1, len(order) // args.batch1_texts)]]
     best: dict[str, dict[str, float]] = {name: {"b16": 0.0, "b1": 0.0} for name in engines}
     p_pos: dict[str, dict[int, float]] = {}
-    for run in engines.values():  # warm: first calls allocate, pick kernels, fill the primitive cache
+    for name, run in engines.items():  # warm: first calls allocate, pick kernels, fill the primitive cache
+        progress(f"warming {name}")
         one_pass(run, b16, ids)
         one_pass(run, b1, ids)
-    for _ in range(args.rounds):
+    for rnd in range(args.rounds):
         for name, run in engines.items():
+            progress(f"round {rnd + 1}: {name}")
             seconds, p_pos[name] = one_pass(run, b16, ids)
             best[name]["b16"] = max(best[name]["b16"], len(ids) / seconds)
             seconds, _ = one_pass(run, b1, ids)
@@ -158,8 +158,9 @@ def section_packing(args: argparse.Namespace, model: Any, ids: list[list[int]]) 
         best = dict.fromkeys([*ways, "one-length limit"], 0.0)
         dp = dict.fromkeys(ways, 0.0)
         for rnd in range(args.rounds + 1):  # round 0 warms up (kernels, oneDNN primitives per shape)
+            progress(f"packing {dtype}, round {rnd}{' (warm-up)' if rnd == 0 else ''}")
             spent = dict.fromkeys(best, 0.0)
-            for take, batch in zip(takes, limit, strict=False):
+            for take, batch in zip(takes[:1] if rnd == 0 and args.quick else takes, limit, strict=False):
                 texts = [ids[i] for i in take]
                 ref = None
                 for name, way in ways.items():
@@ -216,16 +217,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--takes", type=int, default=12, help="packing: random takes of 32 texts")
     ap.add_argument("--batch1-texts", type=int, default=64, help="engines: texts run one at a time")
     ap.add_argument("--texts", type=int, default=0, help="use a length-stratified subset of the corpus (0: all)")
-    ap.add_argument("--onnx-cache", type=Path, default=Path.home() / ".cache" / "sentimentalyzer" / "onnx")
+    ap.add_argument("--onnx-cache", type=Path, help="default: the servers' own (SENTIMENTALYZER_CACHE/onnx)")
+    ap.add_argument("--threads", type=int, help="torch and onnxruntime intra-op threads (default: torch's)")
     ap.add_argument("--quick", action="store_true", help="--texts 96 --rounds 1 --takes 4 --batch1-texts 24")
     args = ap.parse_args(argv)
     if args.quick:
         args.texts, args.rounds, args.takes, args.batch1_texts = 96, 1, 4, 24
+    if args.threads:
+        torch.set_num_threads(args.threads)  # onnx_runner's sessions take torch.get_num_threads() too
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from serving.model import resolve_source
+    from serving.model import cache_dir, resolve_source
     from serving.settings import Settings
 
+    args.onnx_cache = args.onnx_cache or cache_dir() / "onnx"
     source = resolve_source(Settings.from_env())
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     model = AutoModelForSequenceClassification.from_pretrained(source.path).eval()
@@ -246,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         **git_state(),
     }
     if args.only in (None, "engines"):
-        result["engines"] = section_engines(args, model, source.path, ids)
+        result["engines"] = section_engines(args, model, source, ids)
     if args.only in (None, "packing"):
         result["packing"] = section_packing(args, model, ids)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -376,14 +376,19 @@ def verdicts(r: dict[str, Any], soak: bool, timeout_ms: float | None) -> dict[st
         return {
             "zero failures": r["failures"] == 0 and r["not_sent"] == 0,
             "p99 flat (every window <= 1.5x the median window)": bool(p99s) and p99s[-1] <= 1.5 * p99s[len(p99s) // 2],
-            "memory flat (last window <= first + 5 %)": bool(w)
+            "memory flat (RSS of the last window within 2 % of the first)": bool(w)
             and w[0]["rss_mb"] is not None
             and w[-1]["rss_mb"] is not None
-            and w[-1]["rss_mb"] <= 1.05 * w[0]["rss_mb"],
+            and abs(w[-1]["rss_mb"] - w[0]["rss_mb"]) <= 0.02 * w[0]["rss_mb"],
         }
     lat, rss, retry = r["latency_ms"], r["rss_mb"], r["retry_after_median"]
+    counts = r["status_counts"]
+    answered = sum(counts.get(k, 0) for k in ("200", "503", "504"))
     return {
         "only 200, 503 and 504": r["only_200_503_504"],
+        "at most 1 % of answers are 504 (refused at the door instead)": answered > 0
+        and counts.get("504", 0) <= 0.01 * answered,
+        "503s at once (median < 50 ms)": "503" in lat and lat["503"]["p50"] < 50,
         "every answer the server counted reached a client": not any(r["server_minus_client"].values()),
         "503s in milliseconds (p99 < 50 ms)": "503" in lat and lat["503"]["p99"] < 50,
         "Retry-After tracks the drain (median within 1 s of the last flood answer)": retry is not None

@@ -1,9 +1,9 @@
 """Writes a bench run's summary.md and plots from its summary.csv and environment.json.
 
-    python report.py results/cpu-2core    # rewrites summary.md, throughput_vs_users.png,
-                                          # latency_vs_users.png, batch_size_tradeoff.png (and peers.png)
+    python -m harness.report results/cpu-2core    # rewrites summary.md, throughput_vs_users.png,
+                        # latency_vs_users.png, batch_size_tradeoff.png, engines.png (and peers.png)
 
-bench.py calls it at the end of a run; run it alone to redraw after editing this file. Every
+harness/bench.py calls it at the end of a run; run it alone to redraw after editing this file. Every
 number comes from the run's files: nothing here is typed in by hand.
 """
 
@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
+from harness import engine_report
 from harness.peers import summary as peers_summary
 
 NUMERIC = (
@@ -230,6 +231,7 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
         "",
         *ratios(rows),
         "",
+        *engine_report.section(rows, env),
         *peers_summary.section(rows, env),
         "## Where batching loses",
         "",
@@ -365,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     plot_latency(rows, run / "latency_vs_users.png")
     if not plot_bus(rows, run / "batch_size_tradeoff.png"):
         print("report: fewer than 2 MAX_BATCH_SIZE values in this run, no batch_size_tradeoff.png")
+    engine_report.plot(rows, env, run / "engines.png")  # only when engine limits were measured
     peers_summary.plot(rows, env, run / "peers.png")  # only when a peer ran
     print(f"report: wrote {run}/summary.md and plots")
     return 0

@@ -107,16 +107,48 @@ PEERS: dict[str, Peer] = {
 }
 
 
-def peer_configs(users: tuple[int, ...], duration_s: float, names: Iterable[str] | None = None) -> list[Config]:
-    """The bench's configurations for the peers (all of them, or `names`), in registry order."""
+def peer_configs(
+    users: tuple[int, ...],
+    duration_s: float,
+    names: Iterable[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    suffix: str = "",
+) -> list[Config]:
+    """The bench's configurations for the peers (all of them, or `names`), in registry order.
+
+    env and suffix make rows at another engine, e.g. env={"DTYPE": "bf16"}, suffix="-torch-bf16": each
+    peer loads the model through serving.model.load_engine, so DTYPE (and DEVICE) mean what they mean
+    for the servers, and summary.md compares "triton-torch-bf16" with "batched-torch-bf16"."""
     from harness.bench import Config  # the bench imports this module: import it back only when called
 
     wanted = set(PEERS) if names is None else set(names)
     return [
-        Config(p.name, "peer", p.module, users, duration_s, ready_path=p.ready_path, locust_args=p.locust_args)
+        Config(
+            p.name + suffix,
+            "peer",
+            p.module,
+            users,
+            duration_s,
+            dict(env or {}),
+            ready_path=p.ready_path,
+            locust_args=p.locust_args,
+        )
         for p in PEERS.values()
         if p.name in wanted
     ]
+
+
+def peer_of(config_name: str) -> Peer:
+    """The peer a configuration runs: its name, or its name and an engine suffix ("ray-serve-torch-bf16")."""
+    for name in sorted(PEERS, key=len, reverse=True):
+        if config_name == name or config_name.startswith(name + "-"):
+            return PEERS[name]
+    raise KeyError(f"no peer runs configuration {config_name!r}; peers: {', '.join(PEERS)}")
+
+
+def reference_of(config_name: str) -> str:
+    """The project's row a peer's row is compared with: the batched server on the same engine."""
+    return "batched" + config_name[len(peer_of(config_name).name) :]
 
 
 def site_packages(peer: Peer) -> Path | None:
@@ -138,7 +170,7 @@ def describe(names: Iterable[str]) -> dict[str, dict[str, Any]]:
 
     out: dict[str, dict[str, Any]] = {}
     for name in names:
-        peer = PEERS[name]
+        peer = peer_of(name)
         out[name] = {
             "package": peer.package,
             "version": version(peer),
@@ -154,7 +186,7 @@ def prepare(names: Iterable[str]) -> dict[str, str]:
     """Builds the missing or outdated environments of `names`; {name: why it could not be built}."""
     from harness.peers.envs import build_missing
 
-    return build_missing([PEERS[n] for n in names])
+    return build_missing(list({peer_of(n).name: peer_of(n) for n in names}.values()))
 
 
 def launch(name: str, log: Path, env: Mapping[str, str]) -> PeerProcess:
@@ -162,4 +194,4 @@ def launch(name: str, log: Path, env: Mapping[str, str]) -> PeerProcess:
     process that prints why and exits, so the bench reports it like any peer that failed to start."""
     from harness.peers.process import PeerProcess
 
-    return PeerProcess.launch(PEERS[name], log, env)
+    return PeerProcess.launch(peer_of(name), log, env, name)

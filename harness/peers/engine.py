@@ -24,7 +24,10 @@ from serving.settings import Settings
 def load() -> Engine:
     """The project's engine from the environment; prints what it loaded on one line, which the bench reads
     from the peer's log (harness/peers/process.py) as the project's servers report it on GET /ready."""
-    engine = load_engine(Settings.from_env())
+    settings = Settings.from_env()
+    if settings.backend != "torch":  # the batch function below calls the PyTorch model itself
+        raise RuntimeError(f"peers serve PyTorch engines only (BACKEND=torch), not BACKEND={settings.backend}")
+    engine = load_engine(settings)
     print("PEER_ENGINE " + json.dumps(engine.describe()), flush=True)
     return engine
 

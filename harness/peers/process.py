@@ -56,11 +56,13 @@ class PeerProcess(Process):
     descendants: dict[int, psutil.Process] = field(default_factory=dict)
 
     @classmethod
-    def launch(cls, peer: Peer, log: Path, env: Mapping[str, str]) -> PeerProcess:
+    def launch(cls, peer: Peer, log: Path, env: Mapping[str, str], name: str | None = None) -> PeerProcess:
+        """Starts it on a free port under `name` (its configuration's, default the peer's own)."""
+        name = name or peer.name
         port = free_port()
         why = problem(peer)
         if why:  # a process that says why and exits: reported like any peer that could not start
-            args = [sys.executable, "-c", "import sys; sys.exit(sys.argv[1])", f"{peer.name}: {why}"]
+            args = [sys.executable, "-c", "import sys; sys.exit(sys.argv[1])", f"{name}: {why}"]
         else:
             args = [str(peer.python), "-m", peer.module, "--port", str(port)]
         env = {
@@ -69,7 +71,7 @@ class PeerProcess(Process):
             "PATH": os.pathsep.join([str(peer.env_dir / "bin"), env.get("PATH", "")]),
             "PYTHONUNBUFFERED": "1",  # its log is read while it runs
         }
-        proc = cls.start(peer.name, args, log, env, f"http://127.0.0.1:{port}")
+        proc = cls.start(name, args, log, env, f"http://127.0.0.1:{port}")
         proc.peer = peer
         return proc
 

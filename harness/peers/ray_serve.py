@@ -26,19 +26,24 @@ from typing import Any
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import ray
+import torch
 from ray import serve
 from starlette.requests import Request
 
 from harness.peers.engine import classify, load
+from serving.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_BATCH_SIZE = 64
 BATCH_WAIT_TIMEOUT_S = 0.01  # serve.batch's default
 CPUS = os.cpu_count() or 1
+# Ray hides the GPUs from an actor that does not ask for one (CUDA_VISIBLE_DEVICES=""): ask where the
+# servers would use it, so DEVICE means the same here
+GPUS = 1 if torch.cuda.is_available() and Settings.from_env().device != "cpu" else 0
 
 
 @serve.deployment(
-    num_replicas=1, max_ongoing_requests=MAX_BATCH_SIZE, ray_actor_options={"num_cpus": CPUS}, health_check_period_s=5
+    num_replicas=1, max_ongoing_requests=MAX_BATCH_SIZE, ray_actor_options={"num_cpus": CPUS, "num_gpus": GPUS}
 )
 class Sentiment:
     def __init__(self) -> None:
@@ -66,7 +71,7 @@ def main() -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    ray.init(num_cpus=CPUS, include_dashboard=False)
+    ray.init(num_cpus=CPUS, num_gpus=GPUS, include_dashboard=False)
     try:
         serve.start(http_options={"host": a.host, "port": a.port})
         serve.run(Sentiment.bind(), name="sentiment", route_prefix="/", blocking=False)

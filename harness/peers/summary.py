@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from harness.peers import reference_of
+
 PROJECT = ("batched", "naive-threadpool")  # the project's rows each peer is shown beside
 
 
@@ -43,6 +45,19 @@ def peer_error(name: str, env: dict[str, Any]) -> str | None:
     return str(problem) if problem and name not in (env.get("servers") or {}) else None
 
 
+def reference(name: str, peers: list[str]) -> str:
+    """The batched row on the same engine: "batched" for naive-threadpool and the plain peers,
+    "batched-torch-bf16" for "triton-torch-bf16" and for itself."""
+    if name in peers:
+        return reference_of(name)
+    return name if name.startswith("batched") else "batched"
+
+
+def project_rows(peers: list[str]) -> list[str]:
+    """The project's rows shown beside the peers: batched, naive, and the batched row of each peer engine."""
+    return list(dict.fromkeys([*PROJECT, *(reference_of(n) for n in peers)]))
+
+
 def table(rows: list[dict[str, Any]], env: dict[str, Any]) -> list[str]:
     """One row per server and user count: the project's batched (and naive) rows, then each peer's; a peer
     that did not run gets one row with its error."""
@@ -52,17 +67,18 @@ def table(rows: list[dict[str, Any]], env: dict[str, Any]) -> list[str]:
         "| server | version | batching | users | req/s | p50 ms | p99 ms | / model limit | x batched |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    users = sorted({r["users"] for r in rows if r["configuration"] in (*PROJECT, *peers)})
+    shown = [*project_rows(peers), *peers]
+    users = sorted({r["users"] for r in rows if r["configuration"] in shown})
     for u in users:
-        batched = _find(rows, "batched", u)
-        for name in (*PROJECT, *peers):
+        for name in shown:
             r = _find(rows, name, u)
             if r is None:
                 continue
-            ratio = r["requests_per_s"] / batched["requests_per_s"] if batched and batched["requests_per_s"] else None
+            b = _find(rows, reference(name, peers), u)
+            ratio = r["requests_per_s"] / b["requests_per_s"] if b and b["requests_per_s"] else None
             meta = info.get(name) or {}
             version = meta.get("version") or ""
-            settings = meta.get("settings") or ("the project's" if name in PROJECT else "")
+            settings = meta.get("settings") or ("the project's" if name not in peers else "")
             out.append(
                 f"| {name} | {version} | {settings} | {u} | {_f(r['requests_per_s'])} | {_f(r['p50_ms'], 0)} "
                 f"| {_f(r['p99_ms'], 0)} | {_f(r.get('rps_over_model_limit'), 2)} | {_f(ratio, 2)} |"
@@ -78,23 +94,25 @@ def table(rows: list[dict[str, Any]], env: dict[str, Any]) -> list[str]:
 
 
 def wins(rows: list[dict[str, Any]], env: dict[str, Any]) -> list[str]:
-    """Plain statements of every place a peer beat the batched server (throughput or p99), from the rows."""
+    """Plain statements of every place a peer beat the batched server on its engine (throughput or p99)."""
     out: list[str] = []
     compared = 0
     for name in peer_names(rows, env):
+        ref = reference_of(name)
+        server = "the batched server" + ("" if ref == "batched" else f" ({ref})")
         for r in (r for r in rows if r["configuration"] == name and r.get("requests_per_s") is not None):
-            b = _find(rows, "batched", r["users"])
+            b = _find(rows, ref, r["users"])
             if b is None:
                 continue
             compared += 1
             if r["requests_per_s"] > b["requests_per_s"]:
                 out.append(
-                    f"At {r['users']} users {name} served more requests/s than the batched server: "
+                    f"At {r['users']} users {name} served more requests/s than {server}: "
                     f"{r['requests_per_s']:.1f} vs {b['requests_per_s']:.1f}."
                 )
             if r.get("p99_ms") is not None and b.get("p99_ms") is not None and r["p99_ms"] < b["p99_ms"]:
                 out.append(
-                    f"At {r['users']} users {name}'s p99 was lower than the batched server's: "
+                    f"At {r['users']} users {name}'s p99 was lower than {server}'s: "
                     f"{r['p99_ms']:.0f} ms vs {b['p99_ms']:.0f} ms."
                 )
     if not compared:
@@ -112,7 +130,7 @@ def section(rows: list[dict[str, Any]], env: dict[str, Any]) -> list[str]:
         f"Corpus {env.get('corpus')}; every server loads the same model and engine (serving.model.load_engine, "
         "same MODEL_ID, DEVICE and DTYPE); each peer's batch function is one forward pass padded to its "
         "longest text, as its users write it. Locust validates every answer (Triton through KServe v2). "
-        "x batched: requests/s over the batched server's at the same user count.",
+        "x batched: requests/s over the batched server's at the same user count and engine.",
         "",
         *table(rows, env),
         "",
@@ -134,7 +152,7 @@ def plot(rows: list[dict[str, Any]], env: dict[str, Any], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for name in (*PROJECT, *peers):
+    for name in (*project_rows(peers), *peers):
         pts = sorted(
             (r["users"], r["requests_per_s"], r["p99_ms"])
             for r in rows
@@ -149,7 +167,7 @@ def plot(rows: list[dict[str, Any]], env: dict[str, Any], path: Path) -> bool:
     limit = ((env.get("model_limit") or {}).get("bucketed") or {}).get("samples_per_s")
     if limit:
         axes[0].axhline(limit, ls=":", color="grey", label=f"model limit {limit:,.0f}/s")
-    users = sorted({r["users"] for r in rows if r["configuration"] in (*PROJECT, *peers)})
+    users = sorted({r["users"] for r in rows if r["configuration"] in (*project_rows(peers), *peers)})
     axes[0].set(xscale="log", xlabel="concurrent users", ylabel="requests/s", ylim=(0, None), title="Throughput")
     axes[1].set(xscale="log", yscale="log", xlabel="concurrent users", ylabel="ms", title="p99 latency")
     for ax in axes:
