@@ -1,7 +1,7 @@
 """In-process speed and agreement of every engine, and packed versus padded passes, on the machine at hand.
 
-    MODEL_ID=stand-in python -m harness.engines --corpus data/reviews.txt --out results/engines-cpu   # ~10 min
-    MODEL_ID=stand-in python -m harness.engines --quick --out /tmp/engines      # subset, one round: ~4 min
+    MODEL_ID=stand-in python -m harness.engines --corpus data/reviews.txt --out results/engines-cpu  # ~20 min
+    MODEL_ID=stand-in python -m harness.engines --quick --threads 1 --out /tmp/engines  # subset, 1 round: ~6 min
     python -m harness.engines --only packing --takes 20 --rounds 3              # one section
 
 Writes engines.json and engines.md in --out. No HTTP: the model alone, forward only (tokenized once
@@ -13,8 +13,9 @@ and ONNX Runtime fp32 / int8 (serving.onnx_runner, spinning on and off), each ov
 batches of 16 (every text once a round) and batches of one (a length-stratified subset), and the max
 and mean abs diff of P(positive) from torch fp32 over the corpus, plus label flips where fp32 is not
 within 1e-2 of 0.5. packing: random takes of 32 texts, one pass each, padded to the longest versus
-serving.packed (each attention variant), against the one-length limit (the same texts, length-sorted,
-cut into batches of 32), in fp32 and bf16, with max |dP| of each from the padded pass.
+serving.packed (each attention variant), against the one-length limit (the same texts repeated 8 times,
+length-sorted, cut into batches of 32: padding efficiency ~0.97, reported), in fp32 and bf16, with max
+|dP| of each from the padded pass.
 
 Rounds alternate engines (a pass each, in turn) so a busy machine slows them alike; the best round is
 reported. oneDNN's primitive cache is left at its default, as the servers leave it (their shapes are
@@ -141,40 +142,53 @@ def section_engines(args: argparse.Namespace, model: Any, source: Any, ids: list
     return {"texts": len(ids), "batch1_texts": len(b1), "rows": rows, "notes": notes}
 
 
-def section_packing(args: argparse.Namespace, model: Any, ids: list[list[int]]) -> dict[str, Any]:
+def packing_ways(m: Any) -> dict[str, Callable[[list[list[int]]], torch.Tensor]]:
+    """Each way to run one take: the padded model first (the reference for dP), then each packed variant."""
     from serving.packed import ATTENTION, packed_forward
 
+    run_padded = torch_run(m)
+    ways: dict[str, Callable[[list[list[int]]], torch.Tensor]] = {"padded to longest": lambda x: run_padded(*padded(x))}
+    for a in ATTENTION:
+        ways[f"packed, {a}"] = lambda x, a=a: packed_forward(m, x, attention=a)
+    ways["packed, loop, last layer over every token"] = lambda x: packed_forward(m, x, "loop", first_token_only=False)
+    return ways
+
+
+def section_packing(args: argparse.Namespace, model: Any, ids: list[list[int]]) -> dict[str, Any]:
     rng = random.Random(0)
     takes = [rng.sample(range(len(ids)), 32) for _ in range(args.takes)]
-    union = sorted((i for take in takes for i in take), key=lambda i: len(ids[i]))
-    limit = [union[i : i + 32] for i in range(0, len(union), 32)]
-    out: dict[str, Any] = {"takes": len(takes), "texts_per_take": 32}
+    # The one-length limit: the takes' texts, repeated 8 times and length-sorted, so that a batch of 32
+    # holds (nearly) one length, as perfect bucketing of a long stream would. Every 2nd batch (its
+    # neighbour holds the same texts) keeps the cost at 4 batches per take; shuffled, then 4 run after
+    # each take, so a load that changes during the run weighs on both alike.
+    union = sorted((i for take in takes for i in take for _ in range(8)), key=lambda i: len(ids[i]))
+    limit = [union[i : i + 32] for i in range(0, len(union), 64)]
+    rng.shuffle(limit)
+    real = sum(len(ids[i]) for b in limit for i in b)
+    computed = sum(len(b) * max(len(ids[i]) for i in b) for b in limit)
+    out: dict[str, Any] = {"takes": len(takes), "texts_per_take": 32, "limit_padding_efficiency": real / computed}
     for dtype, m in (("fp32", model), ("bf16", copy.deepcopy(model).bfloat16())):
-        run_padded = torch_run(m)
-        ways: dict[str, Callable[[list[list[int]]], torch.Tensor]] = {
-            "padded to longest": lambda x, r=run_padded: r(*padded(x)),
-            **{f"packed, {a}": lambda x, a=a, m=m: packed_forward(m, x, attention=a) for a in ATTENTION},
-        }
+        ways, run_limit = packing_ways(m), torch_run(m)
         best = dict.fromkeys([*ways, "one-length limit"], 0.0)
         dp = dict.fromkeys(ways, 0.0)
         for rnd in range(args.rounds + 1):  # round 0 warms up (kernels, oneDNN primitives per shape)
             progress(f"packing {dtype}, round {rnd}{' (warm-up)' if rnd == 0 else ''}")
             spent = dict.fromkeys(best, 0.0)
-            for take, batch in zip(takes[:1] if rnd == 0 and args.quick else takes, limit, strict=False):
-                texts = [ids[i] for i in take]
+            for t, take in enumerate(takes[:1] if rnd == 0 and args.quick else takes):
                 ref = None
                 for name, way in ways.items():
                     t0 = time.perf_counter()
-                    probs = way(texts).softmax(-1)
+                    probs = way([ids[i] for i in take]).softmax(-1)
                     spent[name] += time.perf_counter() - t0
                     ref = probs if ref is None else ref
                     dp[name] = max(dp[name], float((probs - ref).abs().max()))
-                t0 = time.perf_counter()
-                run_padded(*padded([ids[i] for i in batch])).softmax(-1)
-                spent["one-length limit"] += time.perf_counter() - t0
+                for batch in limit[4 * t : 4 * t + 4]:
+                    t0 = time.perf_counter()
+                    run_limit(*padded([ids[i] for i in batch])).softmax(-1)
+                    spent["one-length limit"] += time.perf_counter() - t0
             if rnd:
-                n = {k: len(union) if k == "one-length limit" else 32 * len(takes) for k in spent}
-                best = {k: max(best[k], n[k] / spent[k]) for k in best}
+                done = {k: 32 * len(takes) for k in ways} | {"one-length limit": sum(len(b) for b in limit)}
+                best = {k: max(best[k], done[k] / spent[k]) for k in best}
         top = best["one-length limit"]
         out[dtype] = [
             {"way": k, "seq_s": v, "of_limit": v / top, "max_dP_vs_padded": dp.get(k)} for k, v in best.items()
@@ -200,6 +214,7 @@ def markdown(result: dict[str, Any]) -> str:
     if "packing" in result:
         p = result["packing"]
         lines += ["", f"## Packed passes ({p['takes']} random takes of {p['texts_per_take']} texts)", ""]
+        lines += [f"One-length limit: padding efficiency {p['limit_padding_efficiency']:.3f}.", ""]
         lines += ["| dtype | way | seq/s | of one-length limit | max abs dP vs padded |", "|---|---|---:|---:|---:|"]
         for dtype in ("fp32", "bf16"):
             for r in p.get(dtype, []):
@@ -213,16 +228,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--corpus", default="data/reviews.txt")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--only", choices=("engines", "packing"))
-    ap.add_argument("--rounds", type=int, default=2, help="timed rounds; the best is reported")
-    ap.add_argument("--takes", type=int, default=12, help="packing: random takes of 32 texts")
-    ap.add_argument("--batch1-texts", type=int, default=64, help="engines: texts run one at a time")
-    ap.add_argument("--texts", type=int, default=0, help="use a length-stratified subset of the corpus (0: all)")
+    ap.add_argument("--rounds", type=int, help="timed rounds, the best reported (default 2)")
+    ap.add_argument("--takes", type=int, help="packing: random takes of 32 texts (default 12)")
+    ap.add_argument("--batch1-texts", type=int, help="engines: texts run one at a time (default 64)")
+    ap.add_argument("--texts", type=int, help="a length-stratified subset of the corpus (default 0: all)")
     ap.add_argument("--onnx-cache", type=Path, help="default: the servers' own (SENTIMENTALYZER_CACHE/onnx)")
     ap.add_argument("--threads", type=int, help="torch and onnxruntime intra-op threads (default: torch's)")
-    ap.add_argument("--quick", action="store_true", help="--texts 96 --rounds 1 --takes 4 --batch1-texts 24")
+    ap.add_argument("--quick", action="store_true", help="defaults --texts 96 --rounds 1 --takes 4 --batch1-texts 24")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.texts, args.rounds, args.takes, args.batch1_texts = 96, 1, 4, 24
+    defaults = {"texts": 96, "rounds": 1, "takes": 4, "batch1_texts": 24} if args.quick else {}
+    for name, value in {"texts": 0, "rounds": 2, "takes": 12, "batch1_texts": 64, **defaults}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.threads:
         torch.set_num_threads(args.threads)  # onnx_runner's sessions take torch.get_num_threads() too
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

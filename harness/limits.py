@@ -56,6 +56,19 @@ def engine_name(backend: str, dtype: str) -> str:
     return f"{backend}-{dtype}"
 
 
+MAX_PASS_CHARS = 60_000  # about 15k tokens: one pass over the measured texts stays seconds long on a CPU
+
+
+def stratified(texts: list[str], max_chars: int, least: int) -> list[str]:
+    """Every k-th text of the length-sorted list, k the smallest keeping the total under max_chars
+    (and at least `least` texts): the length distribution of the corpus, at a bounded cost per pass."""
+    ordered = sorted(texts, key=len)
+    k = 1
+    while len(ordered[::k]) > least and sum(map(len, ordered[::k])) > max_chars:
+        k += 1
+    return ordered[::k]
+
+
 def _rate(run: Callable[[list[int]], object], batches: list[list[int]], budget_s: float) -> float:
     """Items/s over whole passes of `batches`, at least one pass and at least budget_s: a run cut off
     mid-corpus would weigh whichever length classes happened to come first."""
@@ -115,6 +128,7 @@ def measure(corpus: str, sizes: tuple[int, ...], budget_s: float, gpu: bool = Fa
     default = engine_name(base.backend, pick_dtype(base.dtype, device, base.backend))
     unique = read_corpus(corpus)
     texts = unique * -(-4 * max(sizes) // len(unique))  # even the largest batch size gets several of each kind
+    texts = stratified(texts, MAX_PASS_CHARS, 2 * max(sizes))
     result: dict[str, Any] = {"texts": len(unique), "budget_s": budget_s, "default_engine": default, "engines": {}}
     ref: list[float] | None = None
     for backend, dtype in machine_engines(gpu):

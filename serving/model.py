@@ -220,7 +220,8 @@ def load_engine(settings: Settings, source: Source | None = None) -> Engine:
         from serving.onnx_runner import load_onnx_runner, require_onnxruntime
 
         require_onnxruntime()
-        runner = load_onnx_runner(model, weights_key(source, model), dtype, device, cache_dir() / "onnx")
+        # no spinning between ops: the worker thread shares the cores with the event loop and tokenizer
+        runner = load_onnx_runner(model, weights_key(source, model), dtype, device, cache_dir() / "onnx", spin=False)
         info.update({k: v for k, v in runner.describe().items() if k != "backend"})
         return Engine(tokenizer, model, runner, settings, info, device=device, source=source)
     model = model.to(device=device, dtype=_DTYPES[dtype])  # type: ignore[call-arg]  # HF wraps .to

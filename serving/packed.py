@@ -3,7 +3,7 @@
     from serving.packed import packed_forward, supports_packing
     if supports_packing(model):
         logits = packed_forward(model, [[101, 7592, 102], [101, 2088, 2003, 102]])  # float32 (n, labels)
-        logits = packed_forward(model, ids, attention="loop")   # another attention variant (see ATTENTION)
+        logits = packed_forward(model, ids, attention="block")  # another attention variant (see ATTENTION)
 
 Every token of every text goes into one [total_tokens, dim] tensor, position ids restart per text,
 and the linear layers (q/k/v/out, the feed-forward pair), which are ~90% of the cost, run once over
@@ -15,12 +15,16 @@ variants, all exact:
 - block: one SDPA over the whole pack with a block-diagonal mask: no copies, but total^2 work.
 - jagged: nested (jagged) tensors with SDPA. On CPU torch runs them through its math kernel on
   strided nested tensors, and they cannot be built from inference tensors, hence the copies.
-- loop: one SDPA call per text, a Python loop: the baseline.
+- loop: one SDPA call per text, a Python loop: exactly sum(length^2) work, one call per text per layer.
+
+Default (attention=None): loop on CPU, where it was the fastest (harness/engines.py --only packing,
+32 mixed texts, 1 thread: fp32 18.3 seq/s loop, 15.0 padded, 12.6 block, 12.1 jagged; bf16 64.3, 41.4,
+26.0, 33.3); padded elsewhere, because on a GPU a launch per text per layer costs more than padding.
 
 The last layer computes only what the classifier reads: keys and values for every token, queries,
 output projection and feed-forward for each text's first token alone (~14% fewer FLOPs, same math).
-Weights are used as loaded (fp32, bf16, fp16; torch dynamic-int8 linears work too); logits come
-back as float32 on the CPU.
+Weights are used as loaded (fp32 and bf16 tested; fp16 on CUDA runs the same code); logits come back
+as float32 on the CPU.
 """
 
 from __future__ import annotations
@@ -36,7 +40,10 @@ import torch.nn.functional as F
 from transformers import DistilBertForSequenceClassification, PreTrainedModel
 
 ATTENTION = ("padded", "block", "jagged", "loop")
-DEFAULT_ATTENTION = "padded"  # the fastest on CPU in harness/engines.py --packing (fp32 and bf16)
+
+
+def default_attention(device: torch.device) -> str:
+    return "loop" if device.type == "cpu" else "padded"
 
 
 @dataclass(frozen=True)
@@ -146,10 +153,13 @@ def _layer(block: Any, h: torch.Tensor, segs: Segments, attend: Attend, last: bo
 
 @torch.inference_mode()
 def packed_forward(
-    model: PreTrainedModel, ids: Sequence[Sequence[int]], attention: str = DEFAULT_ATTENTION
+    model: PreTrainedModel, ids: Sequence[Sequence[int]], attention: str | None = None, first_token_only: bool = True
 ) -> torch.Tensor:
-    """Logits, float32 (n, labels) on the CPU, of one padding-free pass over texts of any lengths."""
-    if attention not in _ATTEND:
+    """Logits, float32 (n, labels) on the CPU, of one padding-free pass over texts of any lengths.
+
+    first_token_only=False runs the last layer over every token, as the padded model does (to measure
+    what packing alone buys)."""
+    if attention is not None and attention not in _ATTEND:
         raise ValueError(f"attention must be one of {ATTENTION}, not {attention!r}")
     if not supports_packing(model):
         raise TypeError(f"packed_forward needs a DistilBertForSequenceClassification in eval mode, not {type(model)}")
@@ -161,12 +171,15 @@ def packed_forward(
     if min(lengths) < 1 or max(lengths) > model.config.max_position_embeddings:
         raise ValueError(f"every text needs 1 to {model.config.max_position_embeddings} tokens, got {lengths}")
     device = bert.embeddings.word_embeddings.weight.device
+    attend = _ATTEND[attention or default_attention(device)]
     segs = Segments.of(lengths, device)
     tokens = torch.tensor(list(chain.from_iterable(ids)), dtype=torch.long).to(device, non_blocking=True)
     emb = bert.embeddings
     h = emb.LayerNorm(emb.word_embeddings(tokens) + emb.position_embeddings(segs.positions))
     layers = bert.transformer.layer
     for i, block in enumerate(layers):
-        h = _layer(block, h, segs, _ATTEND[attention], last=i == len(layers) - 1)
+        h = _layer(block, h, segs, attend, last=first_token_only and i == len(layers) - 1)
+    if not first_token_only:
+        h = h.index_select(0, segs.firsts)
     pooled = F.relu(m.pre_classifier(h))  # h: one row per text, its first token
     return m.classifier(pooled).float().cpu()

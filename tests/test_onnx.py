@@ -175,6 +175,20 @@ def test_unsupported_combinations_fail_clearly(tiny, tmp_path: Path) -> None:
             load_onnx_runner(tiny, KEY, "fp32", torch.device("cuda"), tmp_path)
 
 
+def test_fp16_conversion_keeps_float32_inputs_and_outputs(tiny, batch, tmp_path: Path) -> None:
+    """fp16 serves on CUDA only; its conversion is checked here, on the CPU provider's fp16 kernels."""
+    import onnxruntime
+
+    onnx_runner.export_fp32(tiny, tmp_path / "fp32.onnx")
+    onnx_runner.convert_fp16(tmp_path / "fp32.onnx", tmp_path / "fp16.onnx")
+    session = onnxruntime.InferenceSession(str(tmp_path / "fp16.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.type for i in session.get_inputs()] == ["tensor(int64)"] * 2
+    assert [o.type for o in session.get_outputs()] == ["tensor(float)"]
+    feeds = {name: batch[name].numpy() for name in ("input_ids", "attention_mask")}
+    probs = torch.from_numpy(session.run(None, feeds)[0]).softmax(-1)
+    assert (probs - torch_probs(tiny, batch)).abs().max().item() <= 1e-2
+
+
 def test_export_needs_the_fp32_model(tiny_model_dir: str, tmp_path: Path) -> None:
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir).eval().bfloat16()
     with pytest.raises(ValueError, match="fp32"):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from serving.packed import ATTENTION, packed_forward, supports_packing
+from serving.packed import ATTENTION, default_attention, packed_forward, supports_packing
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,13 @@ def test_bf16_matches_padded_bf16(tiny: torch.nn.Module, tiny_model_dir: str, at
     assert (got.softmax(-1) - padded_logits(tiny, ids).softmax(-1)).abs().max().item() <= 1e-2  # and fp32
 
 
+def test_last_layer_over_every_token_gives_the_same_logits(tiny: torch.nn.Module) -> None:
+    ids = make_ids([1, 2, 90, 512, 7])
+    full = packed_forward(tiny, ids, first_token_only=False)
+    assert (full - packed_forward(tiny, ids)).abs().max().item() <= 1e-5
+    assert (full - padded_logits(tiny, ids)).abs().max().item() <= 1e-5
+
+
 def test_a_text_scores_the_same_alone_and_packed(tiny: torch.nn.Module) -> None:
     ids = make_ids([5, 512, 1, 77, 2])
     together = packed_forward(tiny, ids)
@@ -84,6 +91,13 @@ def test_edges(tiny: torch.nn.Module) -> None:
         packed_forward(tiny, make_ids([513]))
     with pytest.raises(ValueError, match="attention must be one of"):
         packed_forward(tiny, make_ids([3]), attention="flash")
+
+
+def test_default_attention_is_the_loop_on_cpu_and_padded_on_cuda(tiny: torch.nn.Module) -> None:
+    assert default_attention(torch.device("cpu")) == "loop"
+    assert default_attention(torch.device("cuda")) == "padded"
+    ids = make_ids([3, 50, 1])
+    assert torch.equal(packed_forward(tiny, ids), packed_forward(tiny, ids, attention="loop"))
 
 
 def test_supports_packing(tiny: torch.nn.Module) -> None:
