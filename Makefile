@@ -1,12 +1,14 @@
 # make bench   the whole naive vs batched comparison into results/ (creates .venv first)
 # make lint    ruff (lint and format check) and mypy on the serving code (what CI runs first)
 # make test    the test suite (what CI runs)
+# make peers   each peer's virtual environment in .peers/ (LitServe, Triton, Ray Serve, BentoML), those missing
+# make bench-peers   the peers beside the batched and naive servers on the three corpora, into results/
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint format test bench bench-quick bench-gpu clean
+.PHONY: install lint format test bench bench-quick bench-gpu peers bench-peers clean
 
 $(STAMP): requirements.txt requirements-bench.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,7 +28,12 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-test: $(STAMP)
+# validators generated from the pinned prometheus-operator and KEDA CRD schemas (tests/test_k8s.py)
+CRD_VALIDATORS := tests/data/crd-validators/node_modules/.package-lock.json
+$(CRD_VALIDATORS): tests/data/crd-validators/package-lock.json
+	npm ci --prefix tests/data/crd-validators --no-audit --no-fund --loglevel=error
+
+test: $(STAMP) $(CRD_VALIDATORS)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
@@ -37,6 +44,16 @@ bench-quick: $(STAMP)
 
 bench-gpu: $(STAMP)
 	$(PY) -m harness.bench --gpu
+
+peers: $(STAMP)
+	$(PY) -m harness.peers.envs build
+
+# one run per corpus, each with its own model limit; summary.md of each has the peers table, and
+# `python -m harness.peers.summary <the three folders>` prints the README's table across them
+bench-peers: peers
+	$(PY) -m harness.bench --peers --only peer,batched,naive-threadpool --corpus data/reviews.txt --out results/peers-mixed
+	$(PY) -m harness.bench --peers --only peer,batched,naive-threadpool --corpus data/short.txt --out results/peers-short
+	$(PY) -m harness.bench --peers --only peer,batched,naive-threadpool --corpus data/long.txt --out results/peers-long
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache
