@@ -7,6 +7,7 @@
     locust -f locustfile.py ... --tags predict batch               # both endpoints
     locust -f locustfile.py ... --api-key KEY                      # a server started with API_KEYS
     locust -f locustfile.py ... --protocol kserve                  # KServe v2 (Triton): POST /v2/models/<name>/infer
+    locust -f locustfile.py ... --protocol bentoml                 # a batchable BentoML API: POST /classify
 
 Closed loop by default: each user sends its next request as soon as the last one is answered
 (`wait_time` 0), so throughput is what the server sustains and latency grows with the queue. With
@@ -23,7 +24,10 @@ text for /predict/batch); anything else is a Locust failure named by what went w
 
 `--protocol kserve` swaps SentimentUser for KServeUser, which posts each text as a one-row BYTES input
 to `/v2/models/<--kserve-model>/infer` and checks the `label` (BYTES) and `score` (FP32) outputs the
-same way: how the bench drives Triton (harness/peers/triton.py). Without it only SentimentUser runs.
+same way: how the bench drives Triton (harness/peers/triton.py). `--protocol bentoml` swaps in
+BentoMLUser, which posts each text as a list of one to a batchable BentoML API (`--bentoml-api`, default
+/classify) and checks the list of one prediction it returns (harness/peers/bentoml_peer.py). Without
+either, only SentimentUser runs.
 """
 
 from __future__ import annotations
@@ -72,16 +76,23 @@ def _add_arguments(parser: Any) -> None:
     )
     parser.add_argument(
         "--protocol",
-        choices=("json", "kserve"),
+        choices=("json", "kserve", "bentoml"),
         default="json",
         env_var="LOCUST_PROTOCOL",
-        help="json: the project's POST /predict (SentimentUser); kserve: KServe v2 inference (KServeUser)",
+        help="json: the project's POST /predict (SentimentUser); kserve: KServe v2 inference (KServeUser); "
+        "bentoml: a batchable BentoML API (BentoMLUser)",
     )
     parser.add_argument(
         "--kserve-model",
         default="sentiment",
         env_var="LOCUST_KSERVE_MODEL",
         help="model name in /v2/models/<name>/infer, with --protocol kserve (default %(default)s)",
+    )
+    parser.add_argument(
+        "--bentoml-api",
+        default="/classify",
+        env_var="LOCUST_BENTOML_API",
+        help="path of the batchable API, with --protocol bentoml (default %(default)s)",
     )
 
 
@@ -104,10 +115,11 @@ def _on_init(environment: Environment, **_: Any) -> None:
         CORPUS[:] = load_corpus(DEFAULT_CORPUS)
         return
     CORPUS[:] = load_corpus(options.corpus)
-    if getattr(options, "protocol", "json") == "kserve":
-        # KServeUser is abstract, so a plain run never spawns it; the runner reads this list when it
-        # spawns, after init, so swapping it here is what selects the protocol
-        environment.user_classes[:] = [KServeUser]
+    protocol = getattr(options, "protocol", "json")
+    if protocol != "json":
+        # the other users are abstract, so a plain run never spawns them; the runner reads this list
+        # when it spawns, after init, so swapping it here is what selects the protocol
+        environment.user_classes[:] = [{"kserve": KServeUser, "bentoml": BentoMLUser}[protocol]]
     if not options.tags and not options.exclude_tags:
         # Locust has no "off unless tagged" switch; Environment has already filtered by tags,
         # so dropping the batch task here is what makes a plain run POST /predict only.
@@ -203,30 +215,68 @@ def check_kserve_answer(status: int, body: Any) -> str | None:
     return check_label(values)
 
 
-class KServeUser(FastHttpUser):
-    """One client of a KServe v2 server (Triton): POST /v2/models/<name>/infer, selected by --protocol kserve."""
+def bentoml_request(text: str) -> dict[str, Any]:
+    """A batchable BentoML API's body: its one list parameter, `texts`, holding one text."""
+    return {"texts": [text]}
 
-    abstract = True  # spawned only when --protocol kserve puts it in the environment's user classes
+
+def check_bentoml_answer(status: int, body: Any) -> str | None:
+    """Why a batchable BentoML API's answer fails validation, or None: a list of one prediction."""
+    if status != 200:
+        detail = body.get("error") if isinstance(body, dict) else None  # BentoML errors: {"error": ...}
+        return f"HTTP {status}" + (f": {str(detail)[:80]}" if detail else "")
+    if not isinstance(body, list) or len(body) != 1:
+        return "expected a list of 1 prediction"
+    return check_label(body[0])
+
+
+class ProtocolUser(FastHttpUser):
+    """A client of a peer's own protocol: one text per request, every answer checked by `check`."""
+
+    abstract = True
 
     def on_start(self) -> None:
         options = self.environment.parsed_options
         rate = options.target_rps_per_user if options else 0.0
         self._pace = constant_throughput(rate) if rate > 0 else None
-        self._path = f"/v2/models/{options.kserve_model if options else 'sentiment'}/infer"
 
     def wait_time(self) -> float:
         return self._pace(self) if self._pace is not None else 0.0
 
-    @tag("predict")
-    @task
-    def infer(self) -> None:
-        with self.client.post(self._path, json=kserve_request(random.choice(CORPUS)), catch_response=True) as resp:
+    def _post_checked(self, path: str, payload: Any, check: Any) -> None:
+        with self.client.post(path, json=payload, catch_response=True) as resp:
             try:
                 body = resp.json()
             except Exception:
                 body = None
-            why = check_kserve_answer(resp.status_code or 0, body)
+            why = check(resp.status_code or 0, body)
             if why:
                 resp.failure(why)
             else:
                 resp.success()
+
+
+class KServeUser(ProtocolUser):
+    """One client of a KServe v2 server (Triton): POST /v2/models/<name>/infer, selected by --protocol kserve."""
+
+    abstract = True  # spawned only when --protocol kserve puts it in the environment's user classes
+
+    @tag("predict")
+    @task
+    def infer(self) -> None:
+        options = self.environment.parsed_options
+        path = f"/v2/models/{options.kserve_model if options else 'sentiment'}/infer"
+        self._post_checked(path, kserve_request(random.choice(CORPUS)), check_kserve_answer)
+
+
+class BentoMLUser(ProtocolUser):
+    """One client of a batchable BentoML API: POST /classify {"texts": [text]}, selected by --protocol bentoml."""
+
+    abstract = True  # spawned only when --protocol bentoml puts it in the environment's user classes
+
+    @tag("predict")
+    @task
+    def classify(self) -> None:
+        options = self.environment.parsed_options
+        path = options.bentoml_api if options else "/classify"
+        self._post_checked(path, bentoml_request(random.choice(CORPUS)), check_bentoml_answer)

@@ -89,7 +89,7 @@ class Profile:
 
 
 PROFILES = {
-    "cpu": Profile((1, 8, 32), 15, 3, (1, 4, 16), 32, (2,), 10, 0, (8, 16, 32, 64), 4.0, engine_users=(1, 32)),
+    "cpu": Profile((1, 8, 32), 15, 3, (1, 16), 32, (2,), 10, 0, (8, 16, 32, 64), 4.0, engine_users=(1, 32)),
     "quick": Profile(
         (8,), 5, 2, (), 8, (2,), 5, 0, (16,), 2.0, configs=("http-ceiling", "naive-threadpool", "batched")
     ),
@@ -197,7 +197,7 @@ def configurations(p: Profile, peers: bool, ops: bool = False) -> list[Config]:
                 )
             )
     if peers:  # the registry in harness/peers/__init__.py: module, readiness, Locust protocol per peer
-        cfgs += peer_configs(p.users, p.duration_s)
+        cfgs += peer_configs(top, p.duration_s)  # the peers table compares them at the top user count
     return [c for c in cfgs if p.configs is None or c.name in p.configs or c.group == "ops"]
 
 
@@ -420,7 +420,7 @@ def bench_config(
             run_locust(
                 url, users, p.warmup_s, a.corpus, p.processes, logs / f"{name}_warmup.log", None, cfg.locust_args
             )
-            before = scrape(url)
+            before = proc.counters() if cfg.group == "peer" else scrape(url)  # a peer's from its log
             warn = run_locust(
                 url,
                 users,
@@ -432,7 +432,12 @@ def bench_config(
                 cfg.locust_args,
             )
             row = summary_row(
-                cfg, users, read_locust_stats(out / name), metrics_delta(before, scrape(url)), ready, warn
+                cfg,
+                users,
+                read_locust_stats(out / name),
+                metrics_delta(before, proc.counters() if cfg.group == "peer" else scrape(url)),
+                ready,
+                warn,
             )
             rows.append(row)
             progress.step(point_cost(cfg, p), describe(row))

@@ -6,7 +6,7 @@ asked once and stopped.
 
 The live tests serve the suite's tiny model (MODEL_ID = its directory) from each peer's own environment,
 send the request the bench warms it with, check the answer as Locust does, and check that stopping it
-left no process behind. Triton's also runs Locust with --protocol kserve for a few seconds.
+left no process behind. Triton's and BentoML's also run Locust with their --protocol for a few seconds.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import pytest
 
 from harness import bench, report
 from harness.launch import ROOT, environ
-from harness.peers import PEERS, envs, peer_configs
+from harness.peers import PEERS, envs, peer_configs, peer_of, reference_of
 from harness.peers import summary as peer_summary
 from harness.peers.process import PeerProcess, peer_error
 
@@ -118,13 +118,36 @@ def test_check_kserve_answer(locustfile, status, body, expected):
     assert locustfile.check_kserve_answer(status, body) == expected
 
 
-def test_kserve_user_only_with_protocol_kserve(locustfile, tmp_path):
-    """A plain run keeps SentimentUser alone (KServeUser is abstract); --protocol kserve swaps it in."""
-    assert locustfile.KServeUser.abstract is True and locustfile.SentimentUser.abstract is False
+@pytest.mark.parametrize(
+    "status, body, expected",
+    [
+        (200, [{"label": "NEGATIVE", "score": 0.6}], None),
+        (200, [], "expected a list of 1 prediction"),
+        (200, [{"label": "POSITIVE", "score": 0.6}] * 2, "expected a list of 1 prediction"),
+        (200, {"label": "POSITIVE", "score": 0.6}, "expected a list of 1 prediction"),
+        (200, [{"label": "POSITIVE", "score": -0.1}], "bad score '-0.1'"),
+        (200, ["POSITIVE"], "prediction is not an object"),
+        (500, {"error": "Server disconnected"}, "HTTP 500: Server disconnected"),
+        (422, None, "HTTP 422"),
+    ],
+)
+def test_check_bentoml_answer(locustfile, status, body, expected):
+    assert locustfile.check_bentoml_answer(status, body) == expected
+    assert locustfile.bentoml_request("fine") == {"texts": ["fine"]}
+
+
+def test_protocol_users_only_when_asked_for(locustfile, tmp_path):
+    """A plain run keeps SentimentUser alone (the others are abstract); --protocol swaps one in."""
+    assert locustfile.KServeUser.abstract is True and locustfile.BentoMLUser.abstract is True
+    assert locustfile.SentimentUser.abstract is False
     corpus = tmp_path / "c.txt"
     corpus.write_text("one\ntwo\n")
     (on_init,) = sys.modules["locust"].events.init.listeners  # type: ignore[attr-defined]
-    for protocol, expected in (("json", [locustfile.SentimentUser]), ("kserve", [locustfile.KServeUser])):
+    for protocol, expected in (
+        ("json", [locustfile.SentimentUser]),
+        ("kserve", [locustfile.KServeUser]),
+        ("bentoml", [locustfile.BentoMLUser]),
+    ):
         options = types.SimpleNamespace(corpus=str(corpus), tags=None, exclude_tags=None, protocol=protocol)
         environment = types.SimpleNamespace(parsed_options=options, user_classes=[locustfile.SentimentUser])
         on_init(environment)
@@ -141,7 +164,7 @@ def test_real_locust_lists_only_sentiment_user():
         timeout=60,
     )
     assert out.returncode == 0, out.stderr
-    assert "SentimentUser" in out.stdout and "KServeUser" not in out.stdout
+    assert "SentimentUser" in out.stdout and "KServeUser" not in out.stdout and "BentoMLUser" not in out.stdout
 
 
 # --------------------------------------------------------------------------------------- the registry
@@ -163,8 +186,21 @@ def test_peer_configs_carry_readiness_and_protocol():
     assert cfgs["triton"].locust_args == ("--protocol", "kserve")
     assert cfgs["triton"].ready_path == "/v2/models/sentiment/ready"
     assert cfgs["litserve"].locust_args == () and cfgs["bentoml"].ready_path == "/readyz"
+    assert cfgs["bentoml"].locust_args == ("--protocol", "bentoml")
     names = [c.name for c in bench.configurations(bench.PROFILES["cpu"], peers=True)]
     assert [n for n in names if n in PEERS] == list(PEERS) and len(names) == len(set(names))
+
+
+def test_peer_rows_at_another_engine():
+    cfgs = peer_configs((32,), 5.0, names=["triton", "ray-serve"], env={"DTYPE": "bf16"}, suffix="-torch-bf16")
+    assert [(c.name, c.env, c.locust_args) for c in cfgs] == [
+        ("triton-torch-bf16", {"DTYPE": "bf16"}, ("--protocol", "kserve")),
+        ("ray-serve-torch-bf16", {"DTYPE": "bf16"}, ()),
+    ]
+    assert [peer_of(c.name).name for c in cfgs] == ["triton", "ray-serve"]
+    assert reference_of("ray-serve-torch-bf16") == "batched-torch-bf16" and reference_of("bentoml") == "batched"
+    with pytest.raises(KeyError):
+        peer_of("batched")
 
 
 def test_env_problem_and_stamp(monkeypatch, tmp_path):
@@ -201,6 +237,19 @@ def test_peer_error_picks_the_telling_line(log, expected):
     assert peer_error(log) == expected
 
 
+def test_batch_counters_from_the_peer_log(tmp_path):
+    log = tmp_path / "peer.log"
+    log.write_text(
+        "PEER_BATCH 4 100 160\n"
+        "\x1b[36m(ServeReplica:sentiment:Sentiment pid=7)\x1b[0m PEER_BATCH 2 30 40\n"
+        "INFO something else\n"
+    )
+    proc = PeerProcess("ray-serve", None, log, peer=PEERS["ray-serve"])  # type: ignore[arg-type]
+    after = proc.counters()
+    assert bench.metrics_delta({}, after) == {"avg_batch_size": 3.0, "padding_efficiency": 130 / 200}
+    assert bench.metrics_delta(after, after) == {"avg_batch_size": None, "padding_efficiency": None}
+
+
 def test_a_peer_without_its_environment_fails_to_start_with_the_reason(monkeypatch, tmp_path):
     monkeypatch.setattr("harness.peers.ENVS", tmp_path)
     monkeypatch.setattr(envs, "ENVS", tmp_path)
@@ -235,14 +284,14 @@ PEER_ROWS = [
     row("batched", "batched", 8, 50.0, 150.0, 400.0, limit=0.5),
     row("batched", "batched", 32, 100.0, 300.0, 600.0, limit=1.0),
     row("naive-threadpool", "naive", 32, 30.0, 900.0, 1200.0, limit=0.3),
-    row("litserve", "peer", 8, 60.0, 120.0, 300.0, limit=0.6),
+    row("litserve", "peer", 8, 60.0, 120.0, 300.0, limit=0.6, avg_batch_size=6.54, padding_efficiency=0.4123),
     row("litserve", "peer", 32, 80.0, 350.0, 700.0, limit=0.8),
     row("ray-serve", "peer", 32, 25.0, 1000.0, 2500.0, limit=0.25),
 ]
 PEER_ENV = {
     "corpus": "data/long.txt",
     "peers": {
-        "litserve": {"version": "0.2.19", "settings": "max_batch_size 64, batch_timeout 10 ms"},
+        "litserve": {"version": "0.2.19", "settings": "batch 64, 10 ms"},
         "triton": {"version": "0.7.0", "settings": "dynamic batcher", "environment_problem": None},
         "ray-serve": {"version": "2.60.0", "settings": "@serve.batch"},
     },
@@ -253,29 +302,56 @@ PEER_ENV = {
 def test_peer_table_rows():
     lines = peer_summary.table(PEER_ROWS, PEER_ENV)
     assert lines[:2] == [
-        "| server | version | batching | users | req/s | p50 ms | p99 ms | / model limit | x batched |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| server | version | batching | users | req/s | p50 ms | p99 ms | avg batch | padding eff. "
+        "| / model limit | x batched |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     assert lines[2:] == [
-        "| batched |  | the project's | 8 | 50.0 | 150 | 400 | 0.50 | 1.00 |",
-        "| litserve | 0.2.19 | max_batch_size 64, batch_timeout 10 ms | 8 | 60.0 | 120 | 300 | 0.60 | 1.20 |",
-        "| batched |  | the project's | 32 | 100.0 | 300 | 600 | 1.00 | 1.00 |",
-        "| naive-threadpool |  | the project's | 32 | 30.0 | 900 | 1,200 | 0.30 | 0.30 |",
-        "| litserve | 0.2.19 | max_batch_size 64, batch_timeout 10 ms | 32 | 80.0 | 350 | 700 | 0.80 | 0.80 |",
-        "| ray-serve | 2.60.0 | @serve.batch | 32 | 25.0 | 1,000 | 2,500 | 0.25 | 0.25 |",
-        "| triton | 0.7.0 | dynamic batcher | | did not run: triton exited with code 1: OSError: no lib | | | | |",
+        "| batched |  | the project's | 8 | 50.0 | 150 | 400 |  |  | 0.50 | 1.00 |",
+        "| litserve | 0.2.19 | batch 64, 10 ms | 8 | 60.0 | 120 | 300 | 6.5 | 0.41 | 0.60 | 1.20 |",
+        "| batched |  | the project's | 32 | 100.0 | 300 | 600 |  |  | 1.00 | 1.00 |",
+        "| naive-threadpool |  | the project's | 32 | 30.0 | 900 | 1,200 |  |  | 0.30 | 0.30 |",
+        "| litserve | 0.2.19 | batch 64, 10 ms | 32 | 80.0 | 350 | 700 |  |  | 0.80 | 0.80 |",
+        "| ray-serve | 2.60.0 | @serve.batch | 32 | 25.0 | 1,000 | 2,500 |  |  | 0.25 | 0.25 |",
+        "| triton | 0.7.0 | dynamic batcher | | did not run: triton exited with code 1: OSError: no lib | | | | | | |",
+    ]
+
+
+def test_a_peer_that_answered_nothing_keeps_its_row():
+    rows = [row("batched", "batched", 8, 4.7), row("triton", "peer", 8, None, p50=None, p99=None, failures=2.0)]
+    assert peer_summary.table(rows, {"peers": {"triton": {"version": "0.7.0"}}})[3:] == [
+        "| triton | 0.7.0 |  | 8 | no answer completed in the run (2 failures) | | | | | | |"
     ]
 
 
 def test_peer_table_without_batched_row_leaves_the_ratio_blank():
     (line,) = peer_summary.table([row("bentoml", "peer", 4, 12.0)], {"peers": {"bentoml": {}}})[2:]
-    assert line == "| bentoml |  |  | 4 | 12.0 | 100 | 200 |  |  |"
+    assert line == "| bentoml |  |  | 4 | 12.0 | 100 | 200 |  |  |  |  |"
 
 
 def test_a_peer_never_started_is_listed_with_its_environment_problem():
     env = {"peers": {"bentoml": {"environment_problem": "not built (python -m harness.peers.envs build bentoml)"}}}
     assert peer_summary.table([], env)[2:] == [
-        "| bentoml |  |  | | did not run: not built (python -m harness.peers.envs build bentoml) | | | | |"
+        "| bentoml |  |  | | did not run: not built (python -m harness.peers.envs build bentoml) | | | | | | |"
+    ]
+
+
+def test_engine_variant_is_compared_with_batched_on_its_engine():
+    rows = [
+        row("batched", "batched", 32, 100.0, limit=1.0),
+        row("batched-torch-bf16", "engine", 32, 150.0, limit=1.5),
+        row("triton", "peer", 32, 90.0, limit=0.9),
+        row("triton-torch-bf16", "peer", 32, 120.0, p99=150.0, limit=1.2),
+    ]
+    assert peer_summary.table(rows, {})[2:] == [
+        "| batched |  | the project's | 32 | 100.0 | 100 | 200 |  |  | 1.00 | 1.00 |",
+        "| batched-torch-bf16 |  | the project's | 32 | 150.0 | 100 | 200 |  |  | 1.50 | 1.00 |",
+        "| triton |  |  | 32 | 90.0 | 100 | 200 |  |  | 0.90 | 0.90 |",
+        "| triton-torch-bf16 |  |  | 32 | 120.0 | 100 | 150 |  |  | 1.20 | 0.80 |",
+    ]
+    assert peer_summary.wins(rows, {}) == [
+        "At 32 users triton-torch-bf16's p99 was lower than the batched server (batched-torch-bf16)'s: "
+        "150 ms vs 200 ms."
     ]
 
 
@@ -331,6 +407,8 @@ def check_answer(peer_protocol: str, body: Any) -> None:
     if peer_protocol == "kserve":
         outputs = {o["name"]: o["data"] for o in body["outputs"]}
         label, score = outputs["label"][0], outputs["score"][0]
+    elif peer_protocol == "bentoml":
+        ((label, score),) = [(p["label"], p["score"]) for p in body]
     else:
         label, score = body["label"], body["score"]
     assert label in ("POSITIVE", "NEGATIVE") and 0.0 <= score <= 1.0, body
@@ -351,7 +429,7 @@ def test_peer_starts_answers_and_stops(name: str, tiny_model_dir: str, tmp_path:
         r = httpx.post(proc.url + path, json=body, timeout=30)
         assert r.status_code == 200, r.text
         check_answer(peer.protocol, r.json())
-        if peer.protocol == "kserve":  # the Locust user class against the real server
+        if peer.protocol != "json":  # its Locust user class against the real server
             out = subprocess.run(
                 [sys.executable, "-m", "locust", "-f", "locustfile.py", "--headless", "-u", "2", "-r", "2",
                  "-t", "3s", "--host", proc.url, *peer.locust_args, "--only-summary", "--csv", str(tmp_path / "k")],

@@ -37,7 +37,7 @@ class Peer:
     package: str  # the distribution whose version environment.json records
     ready_path: str  # GET answers 200 once the model is served
     settings: str  # its batching settings, as summary.md states them
-    protocol: str = "json"  # locustfile.py --protocol: json (POST /predict) or kserve (Triton)
+    protocol: str = "json"  # locustfile.py --protocol: json (POST /predict), kserve (Triton) or bentoml
     stop_signal: int = signal.SIGINT  # what its own docs use to stop it: Ctrl+C
     stop_group: bool = True  # signal its whole process group (as Ctrl+C in a terminal) or its main process only
     grace_s: float = 30.0  # how long a clean shutdown may take before the session is killed
@@ -64,6 +64,8 @@ class Peer:
         if self.protocol == "kserve":
             body = {"inputs": [{"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": [text]}]}
             return "/v2/models/sentiment/infer", body
+        if self.protocol == "bentoml":
+            return "/classify", {"texts": [text]}
         return "/predict", {"text": text}
 
 
@@ -101,6 +103,7 @@ PEERS: dict[str, Peer] = {
             "bentoml",
             "/readyz",
             "adaptive batching, max_batch_size 64, max_latency_ms 60000 (default), 1 worker",
+            protocol="bentoml",  # its batchable API, called with a list of one text
             stop_group=False,  # its supervisor stops its worker, which runs in a session of its own
         ),
     )

@@ -28,7 +28,10 @@ def load() -> Engine:
     if settings.backend != "torch":  # the batch function below calls the PyTorch model itself
         raise RuntimeError(f"peers serve PyTorch engines only (BACKEND=torch), not BACKEND={settings.backend}")
     engine = load_engine(settings)
-    print("PEER_ENGINE " + json.dumps(engine.describe()), flush=True)
+    keep = ("model_id", "model_source", "backend", "device", "dtype", "fallback_reason")
+    info = {k: v for k, v in engine.describe().items() if k in keep}  # not the servers' packing: see classify
+    info.update(padding="to the batch's longest", torch_threads=torch.get_num_threads())
+    print("PEER_ENGINE " + json.dumps(info), flush=True)
     return engine
 
 
@@ -42,4 +45,8 @@ def classify(engine: Engine, texts: Sequence[str]) -> list[tuple[str, float]]:
     ).logits
     probs = logits.float().softmax(-1).cpu()
     best = probs.argmax(-1).tolist()
+    # one line a pass: items, real tokens, computed (padded) tokens; the bench reads them from the peer's
+    # log as it reads the servers' batch counters from /metrics (harness/peers/process.py)
+    mask = enc["attention_mask"]
+    print(f"PEER_BATCH {mask.shape[0]} {int(mask.sum())} {mask.numel()}", flush=True)
     return [(engine.labels[b], float(probs[i, b])) for i, b in enumerate(best)]

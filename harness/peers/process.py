@@ -38,6 +38,7 @@ from harness.peers.envs import problem
 WARMUP_REQUESTS = 40  # BentoML's dispatcher trains on about 25 batches before it batches freely
 WARMUP_S = 120.0
 ENGINE_LINE = re.compile(r"PEER_ENGINE (\{.*\})")
+BATCH_LINE = re.compile(r"PEER_BATCH (\d+) (\d+) (\d+)")
 ERROR_LINE = re.compile(r"\b(\w+(Error|Exception)|error|failed|Traceback)\b", re.IGNORECASE)
 
 
@@ -99,6 +100,20 @@ class PeerProcess(Process):
         found = ENGINE_LINE.search(self.text())
         engine = json.loads(found.group(1)) if found else {}
         return {**engine, "peer": {"name": self.peer.name, "ready_s": round(time.monotonic() - t0, 1)}}
+
+    def counters(self) -> dict[str, float]:
+        """Its forward passes so far, under the names of the servers' /metrics counters, so the bench's
+        metrics_delta gives a peer's average batch size and padding efficiency as it gives theirs."""
+        passes = items = real = computed = 0
+        for m in BATCH_LINE.finditer(self.text()):
+            passes, items = passes + 1, items + int(m.group(1))
+            real, computed = real + int(m.group(2)), computed + int(m.group(3))
+        return {
+            "sentimentalyzer_batch_size_count": passes,
+            "sentimentalyzer_batch_size_sum": items,
+            "sentimentalyzer_real_tokens_total": real,
+            "sentimentalyzer_computed_tokens_total": computed,
+        }
 
     def _remember_descendants(self) -> None:
         """Adds the processes it has started so far (psutil keeps each one's identity: a pid reused

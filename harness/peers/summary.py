@@ -64,24 +64,34 @@ def table(rows: list[dict[str, Any]], env: dict[str, Any]) -> list[str]:
     peers = peer_names(rows, env)
     info = env.get("peers") or {}
     out = [
-        "| server | version | batching | users | req/s | p50 ms | p99 ms | / model limit | x batched |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| server | version | batching | users | req/s | p50 ms | p99 ms | avg batch | padding eff. "
+        "| / model limit | x batched |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     shown = [*project_rows(peers), *peers]
     users = sorted({r["users"] for r in rows if r["configuration"] in shown})
     for u in users:
         for name in shown:
-            r = _find(rows, name, u)
+            # a row without requests/s is kept: a peer that answered nothing in the run says so
+            r = next((r for r in rows if r["configuration"] == name and r["users"] == u), None)
             if r is None:
                 continue
-            b = _find(rows, reference(name, peers), u)
-            ratio = r["requests_per_s"] / b["requests_per_s"] if b and b["requests_per_s"] else None
             meta = info.get(name) or {}
             version = meta.get("version") or ""
             settings = meta.get("settings") or ("the project's" if name not in peers else "")
+            if r.get("requests_per_s") is None:
+                failures = int(r.get("failures") or 0)
+                out.append(
+                    f"| {name} | {version} | {settings} | {u} | no answer completed in the run "
+                    f"({failures} failures) | | | | | | |"
+                )
+                continue
+            b = _find(rows, reference(name, peers), u)
+            ratio = r["requests_per_s"] / b["requests_per_s"] if b and b["requests_per_s"] else None
             out.append(
                 f"| {name} | {version} | {settings} | {u} | {_f(r['requests_per_s'])} | {_f(r['p50_ms'], 0)} "
-                f"| {_f(r['p99_ms'], 0)} | {_f(r.get('rps_over_model_limit'), 2)} | {_f(ratio, 2)} |"
+                f"| {_f(r['p99_ms'], 0)} | {_f(r.get('avg_batch_size'))} | {_f(r.get('padding_efficiency'), 2)} "
+                f"| {_f(r.get('rps_over_model_limit'), 2)} | {_f(ratio, 2)} |"
             )
     for name in peers:
         why = peer_error(name, env)
@@ -89,7 +99,7 @@ def table(rows: list[dict[str, Any]], env: dict[str, Any]) -> list[str]:
             meta = info.get(name) or {}
             cell = why.replace("|", "\\|")[:300]
             version, settings = meta.get("version") or "", meta.get("settings") or ""
-            out.append(f"| {name} | {version} | {settings} | | did not run: {cell} | | | | |")
+            out.append(f"| {name} | {version} | {settings} | | did not run: {cell} | | | | | | |")
     return out
 
 
@@ -129,7 +139,8 @@ def section(rows: list[dict[str, Any]], env: dict[str, Any]) -> list[str]:
         "",
         f"Corpus {env.get('corpus')}; every server loads the same model and engine (serving.model.load_engine, "
         "same MODEL_ID, DEVICE and DTYPE); each peer's batch function is one forward pass padded to its "
-        "longest text, as its users write it. Locust validates every answer (Triton through KServe v2). "
+        "longest text, as its users write it. Locust validates every answer (Triton's through KServe v2, "
+        "BentoML's from its batchable API). "
         "x batched: requests/s over the batched server's at the same user count and engine.",
         "",
         *table(rows, env),
@@ -211,8 +222,8 @@ def field_table(runs: list[Path]) -> list[str]:
             r = _find(rows, name, users) if users is not None else None
             b = _find(rows, "batched", users) if users is not None else None
             if r is None:
-                why = peer_error(name, env)
-                cells.append("did not run" if why else "")
+                ran = any(x["configuration"] == name and x["users"] == users for x in rows)
+                cells.append("no answer completed" if ran else "did not run" if peer_error(name, env) else "")
                 continue
             ratio = f" ({r['requests_per_s'] / b['requests_per_s']:.2f}x)" if b and name != "batched" else ""
             cells.append(f"{r['requests_per_s']:.1f}{ratio}, p99 {r['p99_ms']:.0f} ms @ {users} users")
