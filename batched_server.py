@@ -33,6 +33,7 @@ from serving.service import create_app as create_service_app
 from serving.settings import Settings
 
 STALL_S = 120.0  # a batch computing longer than this means the worker is stuck: /ready turns 503
+MIN_TOKENS = 2  # the fewest tokens a text becomes: [CLS] and [SEP]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -98,9 +99,12 @@ class BatchedService:
         """Queues every text, waits for all of them, and maps batcher outcomes to HTTP errors."""
         batcher, engine = self.batcher, self.engine
         assert batcher is not None and engine is not None  # routed only once ready
-        jobs = await asyncio.get_running_loop().run_in_executor(self._tokenizer, _tokenize, engine, texts)
         futures: list[asyncio.Future[Done[Prediction]]] = []
         try:
+            # refused before tokenizing if even its fewest tokens cannot be served: under a flood the
+            # 503 then costs no tokenizer time and does not queue behind other requests' tokenization
+            batcher.check_admission(MIN_TOKENS * len(texts))
+            jobs = await asyncio.get_running_loop().run_in_executor(self._tokenizer, _tokenize, engine, texts)
             for job in jobs:
                 futures.append(batcher.submit_nowait(job))
         except QueueFull as exc:

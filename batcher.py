@@ -92,7 +92,7 @@ class BatcherStats:
     refused: int = 0
     busy_since: float | None = None  # when the batch in flight started, None if idle
     items_per_s: float = 0.0  # moving average of throughput while computing
-    cost_per_s: float = 0.0  # cost units (tokens) per second: median of the last 16 batches, once 4 ran
+    cost_per_s: float = 0.0  # cost units (tokens) the queue drains per second: see _account
     arrival_gap_s: float | None = None  # moving average of the time between arrivals
 
 
@@ -153,8 +153,8 @@ class DynamicBatcher(Generic[T, R]):
         self._free_since = 0.0  # monotonic time the last batch finished computing
         self._last_arrival: float | None = None
         self._last_compute_s = 0.0  # the last batch's compute time: how long the one in flight may take
-        # recent batches' cost rates: admission uses their median, so one stalled pass cannot make
-        # the batcher refuse everything for a while, nor one lucky pass admit too much
+        # recent batches' drain rates: admission uses their lower quartile, so one stalled pass cannot
+        # make the batcher refuse everything for a while, nor one lucky pass admit too much
         self._cost_rates: collections.deque[float] = collections.deque(maxlen=16)
 
     # ------------------------------------------------------------------------------------ lifecycle
@@ -199,7 +199,7 @@ class DynamicBatcher(Generic[T, R]):
 
     def predicted_answer_s(self, cost: int) -> float | None:
         """When an item of this cost, queued now, would be answered: the pass in flight, the cost
-        queued ahead and its own, at the measured cost rate. None until 4 batches have run."""
+        queued ahead and its own, at the measured drain rate. None until 16 batches have run."""
         rate = self.stats.cost_per_s
         if rate <= 0:
             return None
@@ -232,6 +232,11 @@ class DynamicBatcher(Generic[T, R]):
     async def submit(self, payload: T) -> R:
         """Queues one item and waits for its result; cancelling the caller drops the item."""
         return (await self.submit_nowait(payload)).value
+
+    def check_admission(self, cost: int = 1) -> None:
+        """Raises QueueFull (counted as refused) if an item of `cost` would be refused now: lets a
+        caller refuse at the door before it spends work (e.g. tokenizing) on a request."""
+        self._admit(cost)
 
     def _admit(self, cost: int) -> None:
         full = len(self._queue) >= self.max_queue or (
@@ -349,6 +354,9 @@ class DynamicBatcher(Generic[T, R]):
         started = time.monotonic()
         self.stats.busy_since = started
         waits = tuple(started - it.enqueued for it in batch)
+        # Queued while the last batch computed: the worker never idled, so the drain rate of this
+        # batch counts from the last one's end (collection and hand-offs included), not from its start.
+        since = self._free_since if batch[0].enqueued <= self._free_since else started
         try:
             outcomes = await loop.run_in_executor(self._executor, _call_isolated, self.fn, [it.payload for it in batch])
         except BaseException as exc:  # the worker itself died (not the batch fn: that is isolated)
@@ -360,6 +368,7 @@ class DynamicBatcher(Generic[T, R]):
             self.stats.busy_since = None
             self._free_since = time.monotonic()
         compute_s = self._free_since - started
+        drain_s = self._free_since - since
         for item, wait, outcome in zip(batch, waits, outcomes, strict=True):
             if item.future.done():  # the caller went away while we computed
                 continue
@@ -368,17 +377,20 @@ class DynamicBatcher(Generic[T, R]):
                 item.future.set_exception(outcome.error)
             else:
                 item.future.set_result(Done(outcome, wait, len(batch)))
-        self._account(BatchInfo(len(batch), sum(it.cost for it in batch), waits, compute_s, reason))
+        self._account(BatchInfo(len(batch), sum(it.cost for it in batch), waits, compute_s, reason), drain_s)
 
-    def _account(self, info: BatchInfo) -> None:
+    def _account(self, info: BatchInfo, drain_s: float) -> None:
         st = self.stats
         st.batches += 1
         st.items_computed += info.size
         elapsed = max(info.compute_s, 1e-6)
         st.items_per_s = _ewma(st.items_per_s, info.size / elapsed)
-        self._cost_rates.append(info.cost / elapsed)
-        if len(self._cost_rates) >= 4:
-            st.cost_per_s = statistics.median(self._cost_rates)
+        self._cost_rates.append(info.cost / max(drain_s, 1e-6))
+        if len(self._cost_rates) == self._cost_rates.maxlen:
+            # the slower quarter of recent batches: a prediction that errs late refuses a request
+            # that might have made it (503, retry), one that errs early lets it time out (504).
+            # A full window only: a new process's first passes are slow (new shapes, cold caches).
+            st.cost_per_s = statistics.quantiles(self._cost_rates, n=4)[0]
         self._last_compute_s = info.compute_s
         if self.on_batch:
             self.on_batch(info)

@@ -33,7 +33,15 @@ log = logging.getLogger("sentimentalyzer.engine")
 # Sequence lengths a padded pass is rounded up to: steps of about 25%, 16 lengths. With at most 64
 # rows a pass that is at most 16 x 64 = 1024 shapes, oneDNN's default primitive cache capacity.
 LENGTH_LADDER = (8, 16, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 512)
-PACK_STEP = 64  # a packed pass's token count is rounded up to a multiple of this (bounded shapes)
+PACK_MIN_STEP = 16  # a packed pass's token count is rounded up to pack_size(): bounded shapes
+
+
+def pack_size(real: int) -> int:
+    """The token count a packed pass of `real` tokens is rounded up to: a multiple of 1/16 of the
+    next power of two (16 at least), so past 256 tokens under 1/8 of a pass is filler, and 1 to 8192
+    tokens take 56 shapes."""
+    step = max(PACK_MIN_STEP, (1 << max(real - 1, 1).bit_length()) // 16)
+    return -(-real // step) * step
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,10 +190,10 @@ class Engine:
     def forward(self, ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, int]:
         """Probabilities (n, labels) in fp32 for one pass over ids; also the tokens computed."""
         if self.packed is not None:
-            # filler texts round the pack up to a multiple of PACK_STEP tokens: a bounded set of shapes
-            # (in pieces no longer than the longest text, so they do not lengthen padded attention)
+            # filler texts round the pack up to pack_size(): a bounded set of shapes (in pieces no
+            # longer than the longest text, so they do not lengthen padded attention)
             real = sum(len(x) for x in ids)
-            filler = -(-real // PACK_STEP) * PACK_STEP - real
+            filler = pack_size(real) - real
             piece = max(8, max(len(x) for x in ids))
             pads = [[self.pad_id] * min(piece, filler - k) for k in range(0, filler, piece)]
             logits = self.packed([*ids, *pads])[: len(ids)]
@@ -256,14 +264,16 @@ class Engine:
         )
 
     def _calibrate_pack(self) -> int:
-        """The smallest pass (in tokens) within 10% of the best tokens/s seen: past it, a bigger pass
-        buys no throughput and only makes its texts wait longer (TEI's max-batch-tokens idea)."""
-        rates: dict[int, float] = {}
-        for total in (64, 128, 256, 512, 1024, 2048, 4096):
+        """Times packed passes of 64 tokens up to 4096 (16384 on CUDA), best of 3 each, and picks
+        the budget with pick_pass_tokens: a pass at most a quarter of REQUEST_TIMEOUT_MS long."""
+        top = 16384 if self.device.type == "cuda" else 4096
+        times: dict[int, float] = {}
+        total = 64
+        while total <= top:
             n = max(1, total // 64)  # texts of 64 tokens, like a typical review
-            rates[total] = total / min(self._time_pass(n, total // n) for _ in range(2))
-        best = max(rates.values())
-        return min(t for t, r in rates.items() if r >= 0.9 * best)
+            times[total] = min(self._time_pass(n, total // n) for _ in range(3))
+            total *= 2
+        return pick_pass_tokens(times, self.settings.request_timeout_ms / 1000 / 4)
 
     def _learn(self, n: int, length: int, seconds: float) -> None:
         """Refits the cost model every 32 passes from the latest real ones (diverse shapes only)."""
@@ -279,6 +289,22 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
+
+
+def pick_pass_tokens(seconds: dict[int, float], max_pass_s: float) -> int:
+    """The token budget of a packed pass, from measured pass times (tokens -> seconds).
+
+    Candidates are the sizes within 10% of the best tokens/s: past the knee a bigger pass buys
+    little throughput in-process, but under load it also shares the per-pass costs outside the
+    forward (hand-offs, results, the event loop's turns), so the largest candidate is taken, as
+    long as a pass stays within max_pass_s: a request may wait for the pass in flight and then
+    compute in its own, and both must fit its deadline. If no candidate is that quick, the
+    largest size that is; failing that, the smallest measured."""
+    rates = {t: t / s for t, s in seconds.items()}
+    best = max(rates.values())
+    quick = [t for t, s in seconds.items() if s <= max_pass_s]
+    fitting = [t for t in quick if rates[t] >= 0.9 * best]
+    return max(fitting or quick or [min(seconds)])
 
 
 def fit_cost(samples: Sequence[tuple[int, int, float]]) -> tuple[float, float, float]:

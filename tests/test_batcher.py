@@ -309,6 +309,28 @@ async def test_a_request_that_would_miss_its_deadline_is_refused_on_arrival() ->
     await b.stop()
 
 
+async def test_check_admission_refuses_at_the_door_without_queueing() -> None:
+    gate = threading.Event()
+    drops: list[str] = []
+    b = await started(
+        StubModel(gate=gate, f=len),
+        max_batch_size=1,
+        timeout_s=1.0,
+        cost_of=len,
+        admit_by_deadline=True,
+        on_drop=drops.append,
+    )
+    b.check_admission(100)  # nothing measured: admitted
+    b.stats.cost_per_s = 10.0
+    b.check_admission(10)  # exactly 1 s: still within the deadline
+    with pytest.raises(QueueFull) as err:
+        b.check_admission(11)
+    assert err.value.reason == "would_miss_deadline" and b.depth == 0
+    assert drops == ["would_miss_deadline"] and b.stats.refused == 1
+    gate.set()
+    await b.stop()
+
+
 async def test_dispatch_reason_says_why_a_batch_started() -> None:
     stub = StubModel()
     infos: list[BatchInfo] = []

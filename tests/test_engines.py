@@ -14,7 +14,7 @@ import torch
 
 import batched_server
 from serving import model as model_module
-from serving.engine import LENGTH_LADDER, PACK_STEP, ladder_length, pack_chunks
+from serving.engine import LENGTH_LADDER, ladder_length, pack_chunks, pack_size, pick_pass_tokens
 from serving.model import load_engine, pick_dtype
 from serving.settings import Settings, SettingsError
 from tests.conftest import serving
@@ -93,12 +93,19 @@ def test_length_ladder_bounds_the_shapes() -> None:
     assert len(LENGTH_LADDER) * 64 <= 1024 and LENGTH_LADDER[-1] == 512
 
 
-def test_packed_passes_round_to_the_pack_step_and_count_it(settings: Settings) -> None:
+def test_pack_sizes_are_few_and_waste_little() -> None:
+    sizes = [pack_size(n) for n in range(1, 8193)]
+    assert all(s >= n for n, s in enumerate(sizes, 1)) and len(set(sizes)) <= 64  # bounded shapes
+    assert all(s - n < max(16, n / 8) for n, s in enumerate(sizes, 1))  # little filler
+    assert [pack_size(n) for n in (1, 20, 64, 65, 300, 1100)] == [16, 32, 64, 80, 320, 1152]
+
+
+def test_packed_passes_round_to_the_pack_size_and_count_it(settings: Settings) -> None:
     engine = load_engine(settings)
     ids = engine.tokenize(["I loved it", "dull and far too long, with a plot nobody could follow"])
     probs, computed = engine.forward(ids)
     real = sum(len(x) for x in ids)
-    assert probs.shape == (2, 2) and computed % PACK_STEP == 0 and real <= computed < real + PACK_STEP
+    assert probs.shape == (2, 2) and computed == pack_size(real) > real
     unpacked = load_engine(settings.replace(packing="off"))
     assert torch.allclose(probs, unpacked.forward(ids)[0], atol=1e-5)  # the filler changes nothing
 
@@ -107,3 +114,12 @@ def test_pack_chunks_respect_the_token_budget() -> None:
     assert pack_chunks([3, 4, 5, 9, 1], 9) == [[0, 1], [2], [3], [4]]
     assert pack_chunks([20], 9) == [[0]]  # longer than the budget: alone
     assert pack_chunks([], 9) == []
+
+
+def test_pass_budget_is_the_largest_efficient_pass_that_fits_the_deadline() -> None:
+    # seconds per pass: a fixed 50 ms, then 1 ms a token; tokens/s saturates from ~512 on
+    times = {t: 0.05 + t / 1000 for t in (64, 128, 256, 512, 1024, 2048, 4096)}
+    assert pick_pass_tokens(times, max_pass_s=10.0) == 4096  # every candidate is quick enough
+    assert pick_pass_tokens(times, max_pass_s=1.5) == 1024  # 2048 takes 2.1 s
+    assert pick_pass_tokens(times, max_pass_s=0.2) == 128  # no efficient pass fits: the largest that does
+    assert pick_pass_tokens(times, max_pass_s=0.01) == 64  # none fits: the smallest
