@@ -17,9 +17,10 @@ computes queue, so the next batch is gathered during the current one.
 
 Per item: refused at once with QueueFull past max_queue items (or max_queue_cost units), or, with
 `admit_by_deadline`, when the queue ahead cannot be computed before its deadline at the measured
-rate (both carry a retry-after); answered DeadlineExceeded if still queued after timeout_s, and then
-never computed; skipped if its caller cancelled. If a batch raises, it is bisected and retried so
-only the items that fail get the error. No FastAPI, no torch: the server wires the hooks to metrics.
+drain rate, with one pass of slack, unless the batcher is idle (both carry a retry-after); answered
+DeadlineExceeded if still queued after timeout_s, and then never computed; skipped if its caller
+cancelled. If a batch raises, it is bisected and retried so only the items that fail get the error.
+No FastAPI, no torch: the server wires the hooks to metrics.
 """
 
 from __future__ import annotations
@@ -156,6 +157,7 @@ class DynamicBatcher(Generic[T, R]):
         # recent batches' drain rates: admission uses their lower quartile, so one stalled pass cannot
         # make the batcher refuse everything for a while, nor one lucky pass admit too much
         self._cost_rates: collections.deque[float] = collections.deque(maxlen=16)
+        self._pass_s: collections.deque[float] = collections.deque(maxlen=16)  # recent compute times
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -245,7 +247,13 @@ class DynamicBatcher(Generic[T, R]):
         reason = "queue_full" if full else None
         if reason is None and self.admit_by_deadline:
             predicted = self.predicted_answer_s(cost)
-            if predicted is not None and self.timeout_s is not None and predicted > self.timeout_s:
+            # One typical pass of slack: the prediction is a rate, and a pass that runs slow must not
+            # push the requests admitted at the edge past their deadline. An idle, empty batcher
+            # always admits: nothing it could wait for would be quicker, and refusing everything
+            # would stop the measurements that could ever reopen the door.
+            idle = not self._queue and self.stats.busy_since is None
+            slack = statistics.median(self._pass_s) if self._pass_s else 0.0
+            if predicted is not None and self.timeout_s is not None and not idle and predicted + slack > self.timeout_s:
                 reason = "would_miss_deadline"
         if reason is None:
             return
@@ -386,6 +394,7 @@ class DynamicBatcher(Generic[T, R]):
         elapsed = max(info.compute_s, 1e-6)
         st.items_per_s = _ewma(st.items_per_s, info.size / elapsed)
         self._cost_rates.append(info.cost / max(drain_s, 1e-6))
+        self._pass_s.append(info.compute_s)
         if len(self._cost_rates) == self._cost_rates.maxlen:
             # the slower quarter of recent batches: a prediction that errs late refuses a request
             # that might have made it (503, retry), one that errs early lets it time out (504).

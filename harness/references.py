@@ -108,7 +108,11 @@ def git_state() -> dict[str, Any]:
         r = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
         return r.stdout.strip() if r.returncode == 0 else None
 
-    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain"))}
+    # dirty means the code differs from the commit: a run writing its own results/ does not count
+    return {
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--", ".", ":!results")),
+    }
 
 
 def environment(run: dict[str, Any], limit: dict[str, Any] | None, servers: dict[str, Any]) -> dict[str, Any]:
@@ -118,7 +122,7 @@ def environment(run: dict[str, Any], limit: dict[str, Any] | None, servers: dict
 
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": shlex.join(["python", *sys.argv]),
+        "command": shlex.join(["python", *_invocation()]),
         **run,
         "device": model_ready.get("device"),
         "gpu_name": (limit or {}).get("gpu_name"),
@@ -141,3 +145,12 @@ def environment(run: dict[str, Any], limit: dict[str, Any] | None, servers: dict
         "model_limit": limit,
         "servers": servers,
     }
+
+
+def _invocation() -> list[str]:
+    """sys.argv as the user typed it: `-m harness.bench ...` rather than the module's file path."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:
+        return ["-m", spec.name.removesuffix(".__main__"), *sys.argv[1:]]
+    return list(sys.argv)

@@ -322,12 +322,16 @@ async def test_check_admission_refuses_at_the_door_without_queueing() -> None:
     )
     b.check_admission(100)  # nothing measured: admitted
     b.stats.cost_per_s = 10.0
+    b.check_admission(100)  # idle and empty: always admitted, nothing would be quicker
+    held = b.submit_nowait("x")  # computing (gate closed): no longer idle
+    await until(lambda: b.depth == 0)
     b.check_admission(10)  # exactly 1 s: still within the deadline
     with pytest.raises(QueueFull) as err:
         b.check_admission(11)
     assert err.value.reason == "would_miss_deadline" and b.depth == 0
     assert drops == ["would_miss_deadline"] and b.stats.refused == 1
     gate.set()
+    assert await values(held) == [1]
     await b.stop()
 
 
