@@ -153,7 +153,7 @@ class DynamicBatcher(Generic[T, R]):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._free_since = 0.0  # monotonic time the last batch finished computing
         self._last_arrival: float | None = None
-        self._last_compute_s = 0.0  # the last batch's compute time: how long the one in flight may take
+        self._in_flight_cost = 0  # cost of the batch computing now: how long it may take, at the rate
         # recent batches' drain rates: admission uses their lower quartile, so one stalled pass cannot
         # make the batcher refuse everything for a while, nor one lucky pass admit too much
         self._cost_rates: collections.deque[float] = collections.deque(maxlen=16)
@@ -206,7 +206,7 @@ class DynamicBatcher(Generic[T, R]):
         if rate <= 0:
             return None
         busy = self.stats.busy_since
-        in_flight = 0.0 if busy is None else max(0.0, self._last_compute_s - (time.monotonic() - busy))
+        in_flight = 0.0 if busy is None else max(0.0, self._in_flight_cost / rate - (time.monotonic() - busy))
         return in_flight + (self._queued_cost + cost) / rate
 
     # -------------------------------------------------------------------------------------- callers
@@ -361,6 +361,7 @@ class DynamicBatcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         self.stats.busy_since = started
+        self._in_flight_cost = sum(it.cost for it in batch)  # a long text alone outlasts a typical pass
         waits = tuple(started - it.enqueued for it in batch)
         # Queued while the last batch computed: the worker never idled, so the drain rate of this
         # batch counts from the last one's end (collection and hand-offs included), not from its start.
@@ -400,7 +401,6 @@ class DynamicBatcher(Generic[T, R]):
             # that might have made it (503, retry), one that errs early lets it time out (504).
             # A full window only: a new process's first passes are slow (new shapes, cold caches).
             st.cost_per_s = statistics.quantiles(self._cost_rates, n=4)[0]
-        self._last_compute_s = info.compute_s
         if self.on_batch:
             self.on_batch(info)
 

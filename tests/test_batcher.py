@@ -323,15 +323,15 @@ async def test_check_admission_refuses_at_the_door_without_queueing() -> None:
     b.check_admission(100)  # nothing measured: admitted
     b.stats.cost_per_s = 10.0
     b.check_admission(100)  # idle and empty: always admitted, nothing would be quicker
-    held = b.submit_nowait("x")  # computing (gate closed): no longer idle
+    held = b.submit_nowait("x" * 3)  # computing (gate closed): no longer idle, 0.3 s in flight
     await until(lambda: b.depth == 0)
-    b.check_admission(10)  # exactly 1 s: still within the deadline
+    b.check_admission(7)  # at most 0.3 + 0.7 s: within the deadline
     with pytest.raises(QueueFull) as err:
-        b.check_admission(11)
+        b.check_admission(8)  # the pass in flight counts: 0.3 + 0.8 s would not be
     assert err.value.reason == "would_miss_deadline" and b.depth == 0
     assert drops == ["would_miss_deadline"] and b.stats.refused == 1
     gate.set()
-    assert await values(held) == [1]
+    assert await values(held) == [3]
     await b.stop()
 
 
