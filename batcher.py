@@ -201,7 +201,7 @@ class DynamicBatcher(Generic[T, R]):
 
     def predicted_answer_s(self, cost: int) -> float | None:
         """When an item of this cost, queued now, would be answered: the pass in flight, the cost
-        queued ahead and its own, at the measured drain rate. None until 16 batches have run."""
+        queued ahead and its own, at the measured drain rate. None until 16 backlogged batches ran."""
         rate = self.stats.cost_per_s
         if rate <= 0:
             return None
@@ -363,9 +363,12 @@ class DynamicBatcher(Generic[T, R]):
         self.stats.busy_since = started
         self._in_flight_cost = sum(it.cost for it in batch)  # a long text alone outlasts a typical pass
         waits = tuple(started - it.enqueued for it in batch)
-        # Queued while the last batch computed: the worker never idled, so the drain rate of this
-        # batch counts from the last one's end (collection and hand-offs included), not from its start.
-        since = self._free_since if batch[0].enqueued <= self._free_since else started
+        # Queued while the last batch computed: the worker never idled, so this batch shows how fast a
+        # backlog drains, counted from the last one's end (collection and hand-offs included). A batch
+        # after idle time is left out: at low load a lone short text pays the whole fixed cost of a
+        # pass, and its tokens/s says nothing about how fast queued work would go.
+        backlogged = batch[0].enqueued <= self._free_since
+        last_free = self._free_since
         try:
             outcomes = await loop.run_in_executor(self._executor, _call_isolated, self.fn, [it.payload for it in batch])
         except BaseException as exc:  # the worker itself died (not the batch fn: that is isolated)
@@ -377,7 +380,7 @@ class DynamicBatcher(Generic[T, R]):
             self.stats.busy_since = None
             self._free_since = time.monotonic()
         compute_s = self._free_since - started
-        drain_s = self._free_since - since
+        drain_s = self._free_since - last_free if backlogged else None
         for item, wait, outcome in zip(batch, waits, outcomes, strict=True):
             if item.future.done():  # the caller went away while we computed
                 continue
@@ -388,14 +391,15 @@ class DynamicBatcher(Generic[T, R]):
                 item.future.set_result(Done(outcome, wait, len(batch)))
         self._account(BatchInfo(len(batch), sum(it.cost for it in batch), waits, compute_s, reason), drain_s)
 
-    def _account(self, info: BatchInfo, drain_s: float) -> None:
+    def _account(self, info: BatchInfo, drain_s: float | None) -> None:
         st = self.stats
         st.batches += 1
         st.items_computed += info.size
         elapsed = max(info.compute_s, 1e-6)
         st.items_per_s = _ewma(st.items_per_s, info.size / elapsed)
-        self._cost_rates.append(info.cost / max(drain_s, 1e-6))
         self._pass_s.append(info.compute_s)
+        if drain_s is not None:
+            self._cost_rates.append(info.cost / max(drain_s, 1e-6))
         if len(self._cost_rates) == self._cost_rates.maxlen:
             # the slower quarter of recent batches: a prediction that errs late refuses a request
             # that might have made it (503, retry), one that errs early lets it time out (504).

@@ -335,6 +335,24 @@ async def test_check_admission_refuses_at_the_door_without_queueing() -> None:
     await b.stop()
 
 
+async def test_only_backlogged_batches_teach_the_drain_rate() -> None:
+    """A lone item after idle time pays a whole pass's fixed cost: its rate would predict a
+    backlog far too slow and refuse what could be served, so only batches queued behind another count."""
+    b = await started(
+        StubModel(f=len), max_batch_size=1, max_wait_s=0, timeout_s=60.0, cost_of=len, admit_by_deadline=True
+    )
+    for i in range(20):  # one at a time: the worker idles before each
+        assert await values(b.submit_nowait("x" * (i + 1))) == [i + 1]
+    assert b.predicted_answer_s(1) is None and b.stats.cost_per_s == 0.0
+    gate = threading.Event()
+    b.fn = StubModel(gate=gate, f=len)
+    futs = [b.submit_nowait("y" * 3) for _ in range(18)]  # the first holds the worker, the rest queue behind it
+    gate.set()
+    assert await values(*futs) == [3] * 18
+    assert b.stats.cost_per_s > 0 and b.predicted_answer_s(1) is not None  # 17 backlogged batches
+    await b.stop()
+
+
 async def test_dispatch_reason_says_why_a_batch_started() -> None:
     stub = StubModel()
     infos: list[BatchInfo] = []
