@@ -17,7 +17,7 @@ computes queue, so the next batch is gathered during the current one.
 
 Per item: refused at once with QueueFull past max_queue items (or max_queue_cost units), or, with
 `admit_by_deadline`, when the queue ahead cannot be computed before its deadline at the measured
-drain rate, with one pass of slack, unless the batcher is idle (both carry a retry-after); answered
+drain rate, with one pass of slack, unless nothing is queued ahead (both carry a retry-after); answered
 DeadlineExceeded if still queued after timeout_s, and then never computed; skipped if its caller
 cancelled. If a batch raises, it is bisected and retried so only the items that fail get the error.
 No FastAPI, no torch: the server wires the hooks to metrics.
@@ -248,12 +248,12 @@ class DynamicBatcher(Generic[T, R]):
         if reason is None and self.admit_by_deadline:
             predicted = self.predicted_answer_s(cost)
             # One typical pass of slack: the prediction is a rate, and a pass that runs slow must not
-            # push the requests admitted at the edge past their deadline. An idle, empty batcher
-            # always admits: nothing it could wait for would be quicker, and refusing everything
-            # would stop the measurements that could ever reopen the door.
-            idle = not self._queue and self.stats.busy_since is None
+            # push the requests admitted at the edge past their deadline. With nothing queued ahead
+            # it is always admitted: it goes in the next pass whatever is predicted, and a refusal
+            # there feeds on itself (clients retrying at once slow the passes the rate is taken from).
             slack = statistics.median(self._pass_s) if self._pass_s else 0.0
-            if predicted is not None and self.timeout_s is not None and not idle and predicted + slack > self.timeout_s:
+            ahead = bool(self._queue)
+            if predicted is not None and self.timeout_s is not None and ahead and predicted + slack > self.timeout_s:
                 reason = "would_miss_deadline"
         if reason is None:
             return

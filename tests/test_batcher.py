@@ -299,10 +299,10 @@ async def test_a_request_that_would_miss_its_deadline_is_refused_on_arrival() ->
     b.stats.cost_per_s = 10.0  # as if measured: 10 cost units a second
     held = b.submit_nowait("x" * 5)  # 0.5 s
     await until(lambda: b.depth == 0)
+    kept = b.submit_nowait("z" * 3)  # 0.3 s, and nothing queued ahead: admitted whatever is predicted
     with pytest.raises(QueueFull) as err:
-        b.submit_nowait("y" * 11)  # 1.1 s of its own: cannot be answered within 1 s
+        b.submit_nowait("y" * 3)  # 0.5 + 0.3 + 0.3 s: cannot be answered within 1 s
     assert err.value.reason == "would_miss_deadline" and err.value.retry_after_s > 0
-    kept = b.submit_nowait("z" * 3)  # 0.3 s
     assert drops == ["would_miss_deadline"] and b.stats.refused == 1
     gate.set()
     assert await values(held, kept) == [5, 3]
@@ -322,16 +322,18 @@ async def test_check_admission_refuses_at_the_door_without_queueing() -> None:
     )
     b.check_admission(100)  # nothing measured: admitted
     b.stats.cost_per_s = 10.0
-    b.check_admission(100)  # idle and empty: always admitted, nothing would be quicker
-    held = b.submit_nowait("x" * 3)  # computing (gate closed): no longer idle, 0.3 s in flight
+    b.check_admission(100)  # nothing queued ahead: always admitted, it would go in the next pass
+    held = b.submit_nowait("x" * 3)  # computing (gate closed): 0.3 s in flight
     await until(lambda: b.depth == 0)
-    b.check_admission(7)  # at most 0.3 + 0.7 s: within the deadline
+    b.check_admission(100)  # still nothing queued ahead
+    queued = b.submit_nowait("y")  # 0.1 s queued ahead
+    b.check_admission(6)  # at most 0.3 + 0.1 + 0.6 s: within the deadline
     with pytest.raises(QueueFull) as err:
-        b.check_admission(8)  # the pass in flight counts: 0.3 + 0.8 s would not be
-    assert err.value.reason == "would_miss_deadline" and b.depth == 0
+        b.check_admission(7)  # the pass in flight counts: 0.3 + 0.1 + 0.7 s would not be
+    assert err.value.reason == "would_miss_deadline" and b.depth == 1
     assert drops == ["would_miss_deadline"] and b.stats.refused == 1
     gate.set()
-    assert await values(held) == [3]
+    assert await values(held, queued) == [3, 1]
     await b.stop()
 
 
