@@ -158,6 +158,7 @@ class DynamicBatcher(Generic[T, R]):
         # make the batcher refuse everything for a while, nor one lucky pass admit too much
         self._cost_rates: collections.deque[float] = collections.deque(maxlen=16)
         self._pass_s: collections.deque[float] = collections.deque(maxlen=16)  # recent compute times
+        self._slack_s = 0.0  # their median, kept per batch so admission does no sorting per item
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -246,14 +247,12 @@ class DynamicBatcher(Generic[T, R]):
         )
         reason = "queue_full" if full else None
         if reason is None and self.admit_by_deadline:
-            predicted = self.predicted_answer_s(cost)
             # One typical pass of slack: the prediction is a rate, and a pass that runs slow must not
             # push the requests admitted at the edge past their deadline. With nothing queued ahead
             # it is always admitted: it goes in the next pass whatever is predicted, and a refusal
             # there feeds on itself (clients retrying at once slow the passes the rate is taken from).
-            slack = statistics.median(self._pass_s) if self._pass_s else 0.0
-            ahead = bool(self._queue)
-            if predicted is not None and self.timeout_s is not None and ahead and predicted + slack > self.timeout_s:
+            predicted = self.predicted_answer_s(cost) if self._queue else None
+            if predicted is not None and self.timeout_s is not None and predicted + self._slack_s > self.timeout_s:
                 reason = "would_miss_deadline"
         if reason is None:
             return
@@ -361,7 +360,7 @@ class DynamicBatcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         self.stats.busy_since = started
-        self._in_flight_cost = sum(it.cost for it in batch)  # a long text alone outlasts a typical pass
+        cost = self._in_flight_cost = sum(it.cost for it in batch)  # a long text alone outlasts a typical pass
         waits = tuple(started - it.enqueued for it in batch)
         # Queued while the last batch computed: the worker never idled, so this batch shows how fast a
         # backlog drains, counted from the last one's end (collection and hand-offs included). A batch
@@ -389,7 +388,7 @@ class DynamicBatcher(Generic[T, R]):
                 item.future.set_exception(outcome.error)
             else:
                 item.future.set_result(Done(outcome, wait, len(batch)))
-        self._account(BatchInfo(len(batch), sum(it.cost for it in batch), waits, compute_s, reason), drain_s)
+        self._account(BatchInfo(len(batch), cost, waits, compute_s, reason), drain_s)
 
     def _account(self, info: BatchInfo, drain_s: float | None) -> None:
         st = self.stats
@@ -398,6 +397,7 @@ class DynamicBatcher(Generic[T, R]):
         elapsed = max(info.compute_s, 1e-6)
         st.items_per_s = _ewma(st.items_per_s, info.size / elapsed)
         self._pass_s.append(info.compute_s)
+        self._slack_s = statistics.median(self._pass_s)
         if drain_s is not None:
             self._cost_rates.append(info.cost / max(drain_s, 1e-6))
         if len(self._cost_rates) == self._cost_rates.maxlen:
