@@ -16,8 +16,9 @@ arrival rate): a lone caller at low load goes straight to the model. Items arriv
 computes queue, so the next batch is gathered during the current one.
 
 Per item: refused at once with QueueFull past max_queue items (or max_queue_cost units), or, with
-`admit_by_deadline`, when the queue ahead cannot be computed before its deadline at the measured
-drain rate, with one pass of slack, unless nothing is queued ahead (both carry a retry-after); answered
+`admit_by_deadline`, when the passes ahead of it cannot be computed before its deadline (each pass
+timed as fixed + per-cost seconds, fitted to recent passes), with one pass of slack, unless nothing
+is queued ahead (both carry a retry-after); answered
 DeadlineExceeded if still queued after timeout_s, and then never computed; skipped if its caller
 cancelled. If a batch raises, it is bisected and retried so only the items that fail get the error.
 No FastAPI, no torch: the server wires the hooks to metrics.
@@ -32,7 +33,7 @@ import itertools
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -93,7 +94,11 @@ class BatcherStats:
     refused: int = 0
     busy_since: float | None = None  # when the batch in flight started, None if idle
     items_per_s: float = 0.0  # moving average of throughput while computing
-    cost_per_s: float = 0.0  # cost units (tokens) the queue drains per second: see _account
+    # a pass takes pass_fixed_s + pass_s_per_cost * its cost, and pass_gap_s more while work waits
+    # (collection, hand-offs): fitted to recent passes (fit_pass_cost), 0 until a window is full
+    pass_fixed_s: float = 0.0
+    pass_s_per_cost: float = 0.0
+    pass_gap_s: float = 0.0
     arrival_gap_s: float | None = None  # moving average of the time between arrivals
 
 
@@ -106,6 +111,19 @@ class BatchInfo:
     queue_waits_s: tuple[float, ...]
     compute_s: float
     reason: str  # full (size or cost budget), waited (max_wait_s ran out), idle (no companion likely), stopping
+
+
+def fit_pass_cost(samples: Sequence[tuple[int, float]]) -> tuple[float, float]:
+    """(fixed_s, s_per_cost) of a line through (cost, seconds) samples of passes: Theil-Sen, the
+    median of the pairwise slopes, then the median intercept. A plain rate (cost over seconds)
+    charges a small pass's fixed cost to each of its few units, so a window holding small passes
+    predicts a backlog many times too slow; a least-squares line follows a stalled pass. With one
+    cost seen there is no slope: (0, the median seconds per unit)."""
+    slopes = [(s2 - s1) / (c2 - c1) for (c1, s1), (c2, s2) in itertools.combinations(samples, 2) if c1 != c2]
+    if not slopes:
+        return 0.0, statistics.median(s / max(c, 1) for c, s in samples)
+    per = max(0.0, statistics.median(slopes))
+    return max(0.0, statistics.median(s - per * c for c, s in samples)), per
 
 
 def drain_time_s(depth: int, items_per_s: float) -> float:
@@ -153,12 +171,13 @@ class DynamicBatcher(Generic[T, R]):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._free_since = 0.0  # monotonic time the last batch finished computing
         self._last_arrival: float | None = None
-        self._in_flight_cost = 0  # cost of the batch computing now: how long it may take, at the rate
-        # recent batches' drain rates: admission uses their lower quartile, so one stalled pass cannot
-        # make the batcher refuse everything for a while, nor one lucky pass admit too much
-        self._cost_rates: collections.deque[float] = collections.deque(maxlen=16)
-        self._pass_s: collections.deque[float] = collections.deque(maxlen=16)  # recent compute times
-        self._slack_s = 0.0  # their median, kept per batch so admission does no sorting per item
+        self._in_flight_cost = 0  # cost of the batch computing now: how long it may still take
+        # recent passes as (cost, compute seconds), every one of them: the fit separates a pass's
+        # fixed cost from its per-cost part, so a lone item after idle time teaches it as much as a
+        # full batch does; and the gaps between passes while work waited
+        self._passes: collections.deque[tuple[int, float]] = collections.deque(maxlen=16)
+        self._gaps_s: collections.deque[float] = collections.deque(maxlen=16)
+        self._slack_s = 0.0  # median pass time, kept per batch so admission does no sorting per item
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -201,14 +220,22 @@ class DynamicBatcher(Generic[T, R]):
         return drain_time_s(len(self._queue), self.stats.items_per_s)
 
     def predicted_answer_s(self, cost: int) -> float | None:
-        """When an item of this cost, queued now, would be answered: the pass in flight, the cost
-        queued ahead and its own, at the measured drain rate. None until 16 backlogged batches ran."""
-        rate = self.stats.cost_per_s
-        if rate <= 0:
+        """When an item of this cost, queued now, would be answered: the rest of the pass in flight,
+        then the passes that the items queued ahead and its own fill (each its fixed cost and gap,
+        all their cost at the fitted per-cost time). None until 16 passes ran."""
+        st = self.stats
+        if st.pass_fixed_s <= 0 and st.pass_s_per_cost <= 0:
             return None
-        busy = self.stats.busy_since
-        in_flight = 0.0 if busy is None else max(0.0, self._in_flight_cost / rate - (time.monotonic() - busy))
-        return in_flight + (self._queued_cost + cost) / rate
+        busy = st.busy_since
+        in_flight = 0.0
+        if busy is not None:
+            in_flight_s = st.pass_fixed_s + st.pass_s_per_cost * self._in_flight_cost
+            in_flight = max(0.0, in_flight_s - (time.monotonic() - busy))
+        ahead = self._queued_cost + cost
+        passes = math.ceil((len(self._queue) + 1) / self.max_batch_size)
+        if self.max_batch_cost is not None:
+            passes = max(passes, math.ceil(ahead / self.max_batch_cost))
+        return in_flight + passes * (st.pass_fixed_s + st.pass_gap_s) + st.pass_s_per_cost * ahead
 
     # -------------------------------------------------------------------------------------- callers
 
@@ -247,10 +274,10 @@ class DynamicBatcher(Generic[T, R]):
         )
         reason = "queue_full" if full else None
         if reason is None and self.admit_by_deadline:
-            # One typical pass of slack: the prediction is a rate, and a pass that runs slow must not
+            # One typical pass of slack: the prediction is a fit, and a pass that runs slow must not
             # push the requests admitted at the edge past their deadline. With nothing queued ahead
             # it is always admitted: it goes in the next pass whatever is predicted, and a refusal
-            # there feeds on itself (clients retrying at once slow the passes the rate is taken from).
+            # there feeds on itself (clients retrying at once slow the passes the fit is taken from).
             predicted = self.predicted_answer_s(cost) if self._queue else None
             if predicted is not None and self.timeout_s is not None and predicted + self._slack_s > self.timeout_s:
                 reason = "would_miss_deadline"
@@ -362,12 +389,9 @@ class DynamicBatcher(Generic[T, R]):
         self.stats.busy_since = started
         cost = self._in_flight_cost = sum(it.cost for it in batch)  # a long text alone outlasts a typical pass
         waits = tuple(started - it.enqueued for it in batch)
-        # Queued while the last batch computed: the worker never idled, so this batch shows how fast a
-        # backlog drains, counted from the last one's end (collection and hand-offs included). A batch
-        # after idle time is left out: at low load a lone short text pays the whole fixed cost of a
-        # pass, and its tokens/s says nothing about how fast queued work would go.
-        backlogged = batch[0].enqueued <= self._free_since
-        last_free = self._free_since
+        # Queued while the last batch computed: the worker had work waiting since the last one's end,
+        # so the time until this one started is what a backlog pays between passes.
+        gap_s = started - self._free_since if batch[0].enqueued <= self._free_since else None
         try:
             outcomes = await loop.run_in_executor(self._executor, _call_isolated, self.fn, [it.payload for it in batch])
         except BaseException as exc:  # the worker itself died (not the batch fn: that is isolated)
@@ -379,7 +403,6 @@ class DynamicBatcher(Generic[T, R]):
             self.stats.busy_since = None
             self._free_since = time.monotonic()
         compute_s = self._free_since - started
-        drain_s = self._free_since - last_free if backlogged else None
         for item, wait, outcome in zip(batch, waits, outcomes, strict=True):
             if item.future.done():  # the caller went away while we computed
                 continue
@@ -388,23 +411,24 @@ class DynamicBatcher(Generic[T, R]):
                 item.future.set_exception(outcome.error)
             else:
                 item.future.set_result(Done(outcome, wait, len(batch)))
-        self._account(BatchInfo(len(batch), cost, waits, compute_s, reason), drain_s)
+        self._account(BatchInfo(len(batch), cost, waits, compute_s, reason), gap_s)
 
-    def _account(self, info: BatchInfo, drain_s: float | None) -> None:
+    def _account(self, info: BatchInfo, gap_s: float | None) -> None:
         st = self.stats
         st.batches += 1
         st.items_computed += info.size
         elapsed = max(info.compute_s, 1e-6)
         st.items_per_s = _ewma(st.items_per_s, info.size / elapsed)
-        self._pass_s.append(info.compute_s)
-        self._slack_s = statistics.median(self._pass_s)
-        if drain_s is not None:
-            self._cost_rates.append(info.cost / max(drain_s, 1e-6))
-        if len(self._cost_rates) == self._cost_rates.maxlen:
-            # the slower quarter of recent batches: a prediction that errs late refuses a request
-            # that might have made it (503, retry), one that errs early lets it time out (504).
+        self._passes.append((info.cost, info.compute_s))
+        self._slack_s = statistics.median(s for _, s in self._passes)
+        if gap_s is not None:
+            self._gaps_s.append(gap_s)
+        if len(self._passes) == self._passes.maxlen:
             # A full window only: a new process's first passes are slow (new shapes, cold caches).
-            st.cost_per_s = statistics.quantiles(self._cost_rates, n=4)[0]
+            # A prediction that errs late refuses a request that might have made it (503, retry),
+            # one that errs early lets it time out (504): medians, and one pass of slack on top.
+            st.pass_fixed_s, st.pass_s_per_cost = fit_pass_cost(self._passes)
+            st.pass_gap_s = statistics.median(self._gaps_s) if self._gaps_s else 0.0
         if self.on_batch:
             self.on_batch(info)
 

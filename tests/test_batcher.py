@@ -21,6 +21,7 @@ from batcher import (
     DynamicBatcher,
     QueueFull,
     drain_time_s,
+    fit_pass_cost,
     retry_after_header,
 )
 from tests.conftest import StubModel
@@ -296,7 +297,7 @@ async def test_a_request_that_would_miss_its_deadline_is_refused_on_arrival() ->
         stub, max_batch_size=1, max_wait_s=0, timeout_s=1.0, cost_of=len, admit_by_deadline=True, on_drop=drops.append
     )
     assert b.predicted_answer_s(100) is None  # nothing measured yet: admitted, the 504 path guards it
-    b.stats.cost_per_s = 10.0  # as if measured: 10 cost units a second
+    b.stats.pass_s_per_cost = 0.1  # as if fitted: 10 cost units a second, no fixed cost
     held = b.submit_nowait("x" * 5)  # 0.5 s
     await until(lambda: b.depth == 0)
     kept = b.submit_nowait("z" * 3)  # 0.3 s, and nothing queued ahead: admitted whatever is predicted
@@ -321,7 +322,7 @@ async def test_check_admission_refuses_at_the_door_without_queueing() -> None:
         on_drop=drops.append,
     )
     b.check_admission(100)  # nothing measured: admitted
-    b.stats.cost_per_s = 10.0
+    b.stats.pass_s_per_cost = 0.1
     b.check_admission(100)  # nothing queued ahead: always admitted, it would go in the next pass
     held = b.submit_nowait("x" * 3)  # computing (gate closed): 0.3 s in flight
     await until(lambda: b.depth == 0)
@@ -337,21 +338,50 @@ async def test_check_admission_refuses_at_the_door_without_queueing() -> None:
     await b.stop()
 
 
-async def test_only_backlogged_batches_teach_the_drain_rate() -> None:
-    """A lone item after idle time pays a whole pass's fixed cost: its rate would predict a
-    backlog far too slow and refuse what could be served, so only batches queued behind another count."""
+async def test_every_pass_teaches_the_pass_cost_fit_lone_ones_included() -> None:
+    """A lone item after idle time is a pass like any other to an affine fit (its fixed cost is the
+    intercept), so 16 of them are enough to predict with."""
     b = await started(
         StubModel(f=len), max_batch_size=1, max_wait_s=0, timeout_s=60.0, cost_of=len, admit_by_deadline=True
     )
-    for i in range(20):  # one at a time: the worker idles before each
+    for i in range(15):  # one at a time: the worker idles before each
         assert await values(b.submit_nowait("x" * (i + 1))) == [i + 1]
-    assert b.predicted_answer_s(1) is None and b.stats.cost_per_s == 0.0
+    assert b.predicted_answer_s(1) is None  # 15 passes: the window is not full yet
+    assert await values(b.submit_nowait("x" * 16)) == [16]
+    assert b.predicted_answer_s(1) is not None and b.stats.pass_fixed_s + b.stats.pass_s_per_cost > 0
+    await b.stop()
+
+
+def test_fit_pass_cost_splits_fixed_from_per_cost_and_shrugs_off_a_stall() -> None:
+    """Passes alternating big (a batch) and small (the stragglers queued behind it), as a closed loop
+    makes them, one of them stalled: the fit recovers both terms; a rate would not."""
+    samples = [(c, 0.03 + 0.0004 * c) for c in (1400, 10, 1250, 40, 1320, 5, 1500, 80) * 2]
+    samples[3] = (40, 1.5)  # a stalled pass (a profiler, a page fault storm)
+    fixed, per = fit_pass_cost(samples)
+    assert fixed == pytest.approx(0.03, rel=0.05) and per == pytest.approx(0.0004, rel=0.05)
+    lowest_rate = min(c / s for c, s in samples)  # what a rate-based prediction risks
+    assert 1400 / lowest_rate > 10 * (fixed + per * 1400)
+    assert fit_pass_cost([(10, 0.5), (10, 0.7), (10, 0.6)]) == (0.0, pytest.approx(0.06))  # no slope
+
+
+async def test_prediction_pays_a_fixed_cost_per_pass_ahead() -> None:
     gate = threading.Event()
-    b.fn = StubModel(gate=gate, f=len)
-    futs = [b.submit_nowait("y" * 3) for _ in range(18)]  # the first holds the worker, the rest queue behind it
+    b = await started(
+        StubModel(gate=gate, f=len),
+        max_batch_size=2,
+        timeout_s=1.0,
+        cost_of=len,
+        admit_by_deadline=True,
+    )
+    b.stats.pass_fixed_s, b.stats.pass_gap_s, b.stats.pass_s_per_cost = 0.1, 0.05, 0.01
+    held = b.submit_nowait("x")  # computing (gate closed)
+    await until(lambda: b.depth == 0)
+    queued = [b.submit_nowait("y" * 10) for _ in range(3)]
+    predicted = b.predicted_answer_s(10)  # 4 items of 10 in passes of 2: 2 x (0.1 + 0.05) + 40 x 0.01,
+    # plus what remains of the pass in flight: at most its 0.1 + 1 x 0.01
+    assert predicted is not None and 0.7 <= predicted <= 0.81
     gate.set()
-    assert await values(*futs) == [3] * 18
-    assert b.stats.cost_per_s > 0 and b.predicted_answer_s(1) is not None  # 17 backlogged batches
+    assert await values(held, *queued) == [1, 10, 10, 10]
     await b.stop()
 
 

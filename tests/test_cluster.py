@@ -328,7 +328,8 @@ def test_dashboard_queries_and_rules_return_data_under_load(cluster: Cluster) ->
             series.append((round(time.monotonic() - started, 1), cluster.scalar(autoscaling)))
             recorded = cluster.query("sentimentalyzer:queue_depth:avg1m")  # the same, per pod
             per_pod = {r["metric"]["pod"]: float(r["value"][1]) for r in recorded} if recorded else per_pod
-            assert {direct.post("/predict/batch", json=full).status_code for _ in range(3)} == {503}
+            # 10 a second: over 5 % of all answers even where the load runs at 60 requests/s (AVX-512)
+            assert {direct.post("/predict/batch", json=full).status_code for _ in range(10)} == {503}
             if not panels and time.monotonic() - started > seconds * 0.7:
                 panels = {(title, expr): cluster.query(expr) for title, expr in dashboard_queries()}
             time.sleep(1)
