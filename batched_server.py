@@ -9,8 +9,9 @@ becomes an item of a `DynamicBatcher` (batcher.py) that knows its token count. T
 thread owns the model. With a packed engine (PyTorch DistilBERT) one take is one padding-free pass of
 at most the calibrated token budget; with a padded one (ONNX Runtime) a take is split into length
 groups, each padded to its longest text on the length ladder (serving/engine.py). A request whose
-answer cannot come within REQUEST_TIMEOUT_MS, predicted from the tokens queued ahead at the measured
-rate, is refused at once (503 + Retry-After). Answers carry `batch_size`, and the headers
+answer cannot come within REQUEST_TIMEOUT_MS, predicted from the passes that the tokens queued ahead
+fill (each timed as fixed + per-token seconds, fitted to recent passes), is refused at once (503 +
+Retry-After). Answers carry `batch_size`, and the headers
 `X-Batch-Size` and `Server-Timing` (queue, tokenize, infer). On SIGTERM uvicorn stops accepting,
 in-flight requests finish, then the lifespan drains the queue.
 """

@@ -95,7 +95,8 @@ class BatcherStats:
     busy_since: float | None = None  # when the batch in flight started, None if idle
     items_per_s: float = 0.0  # moving average of throughput while computing
     # a pass takes pass_fixed_s + pass_s_per_cost * its cost, and pass_gap_s more while work waits
-    # (collection, hand-offs): fitted to recent passes (fit_pass_cost), 0 until a window is full
+    # (collection, hand-offs): fitted to recent passes (fit_pass_cost), 0 until a window is full,
+    # refitted when admission next needs them (a lone request at low load never pays for a fit)
     pass_fixed_s: float = 0.0
     pass_s_per_cost: float = 0.0
     pass_gap_s: float = 0.0
@@ -177,7 +178,8 @@ class DynamicBatcher(Generic[T, R]):
         # full batch does; and the gaps between passes while work waited
         self._passes: collections.deque[tuple[int, float]] = collections.deque(maxlen=16)
         self._gaps_s: collections.deque[float] = collections.deque(maxlen=16)
-        self._slack_s = 0.0  # median pass time, kept per batch so admission does no sorting per item
+        self._slack_s = 0.0  # median pass time, kept with the fit so admission does no sorting per item
+        self._fit_stale = False  # a pass ended since the last fit
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -223,6 +225,7 @@ class DynamicBatcher(Generic[T, R]):
         """When an item of this cost, queued now, would be answered: the rest of the pass in flight,
         then the passes that the items queued ahead and its own fill (each its fixed cost and gap,
         all their cost at the fitted per-cost time). None until 16 passes ran."""
+        self._refit()
         st = self.stats
         if st.pass_fixed_s <= 0 and st.pass_s_per_cost <= 0:
             return None
@@ -420,17 +423,23 @@ class DynamicBatcher(Generic[T, R]):
         elapsed = max(info.compute_s, 1e-6)
         st.items_per_s = _ewma(st.items_per_s, info.size / elapsed)
         self._passes.append((info.cost, info.compute_s))
-        self._slack_s = statistics.median(s for _, s in self._passes)
         if gap_s is not None:
             self._gaps_s.append(gap_s)
-        if len(self._passes) == self._passes.maxlen:
-            # A full window only: a new process's first passes are slow (new shapes, cold caches).
-            # A prediction that errs late refuses a request that might have made it (503, retry),
-            # one that errs early lets it time out (504): medians, and one pass of slack on top.
-            st.pass_fixed_s, st.pass_s_per_cost = fit_pass_cost(self._passes)
-            st.pass_gap_s = statistics.median(self._gaps_s) if self._gaps_s else 0.0
+        # A full window only: a new process's first passes are slow (new shapes, cold caches).
+        self._fit_stale = len(self._passes) == self._passes.maxlen
         if self.on_batch:
             self.on_batch(info)
+
+    def _refit(self) -> None:
+        if not self._fit_stale:
+            return
+        self._fit_stale = False
+        # A prediction that errs late refuses a request that might have made it (503, retry), one
+        # that errs early lets it time out (504): medians, and one typical pass of slack on top.
+        st = self.stats
+        st.pass_fixed_s, st.pass_s_per_cost = fit_pass_cost(self._passes)
+        st.pass_gap_s = statistics.median(self._gaps_s) if self._gaps_s else 0.0
+        self._slack_s = statistics.median(s for _, s in self._passes)
 
     def _fail_queued(self, error: BaseException) -> None:
         while self._queue:

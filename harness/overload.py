@@ -41,7 +41,7 @@ import httpx
 import psutil
 
 from harness.launch import ROOT, Process, environ
-from harness.references import cpu_info, git_state, read_corpus, versions
+from harness.references import command_line, cpu_info, git_state, read_corpus, versions
 
 ALLOWED = {200, 503, 504}  # the batched server's whole vocabulary under overload
 
@@ -304,7 +304,7 @@ def soak_windows(results: list[tuple], samples: list[dict[str, Any]], seconds: f
 def environment(args: argparse.Namespace, servers: dict[str, Any]) -> dict[str, Any]:
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
+        "command": command_line(),
         "args": vars(args),
         "cpu": cpu_info(),
         "python": platform.python_version(),

@@ -32,6 +32,7 @@ import psutil
 
 from harness.bench import read_locust_stats, run_locust, scrape
 from harness.launch import Process, free_port
+from harness.references import command_line
 
 STARTUP = ("<frozen importlib", "load_engine", "warmup (model.py", "resolve_source", "lifespan (batched_server")
 # (stage, substrings of a frame): a sample belongs to the stage of its innermost frame that matches one,
@@ -187,7 +188,7 @@ def write_report(a: argparse.Namespace, out: Path, srv: dict, batch: dict) -> No
     lines = [
         f"# Where the time goes: batched server, {a.users} users, {a.corpus}",
         "",
-        f"- command: `python {' '.join(sys.argv)}`; settings from the environment: {json.dumps(env)}",
+        f"- command: `{command_line()}`; settings from the environment: {json.dumps(env)}",
         f"- measured run: {a.seconds:g} s, {reqs_run:.0f} requests, {reqs_run / srv['wall_s']:.1f} req/s; "
         f"{items / max(run.get('sentimentalyzer_batch_size_count', 1), 1):.1f} items per forward pass",
         "",

@@ -122,7 +122,7 @@ def environment(run: dict[str, Any], limit: dict[str, Any] | None, servers: dict
 
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": shlex.join(["python", *_invocation()]),
+        "command": command_line(),
         **run,
         "device": model_ready.get("device"),
         "gpu_name": (limit or {}).get("gpu_name"),
@@ -145,6 +145,12 @@ def environment(run: dict[str, Any], limit: dict[str, Any] | None, servers: dict
         "model_limit": limit,
         "servers": servers,
     }
+
+
+def command_line() -> str:
+    """The command as the user typed it: `python -m harness.bench ...`, not the module's file path
+    (which names the checkout it ran in)."""
+    return shlex.join(["python", *_invocation()])
 
 
 def _invocation() -> list[str]:
