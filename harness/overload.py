@@ -99,12 +99,16 @@ class Connections:
 
     async def post(self, body: bytes) -> tuple[int, str | None]:
         """(status, Retry-After); a timeout or error closes the connection, as a client that gives up does."""
-        while self.idle:  # uvicorn closes connections idle for 5 s: an EOF before any byte means just that
+        while self.idle:
+            # uvicorn closes connections idle for 5 s: on a reused one, an EOF before any byte, or a
+            # reset (the close crossed our request), means just that; a pooled client retries it
             try:
                 return await self._post(*self.idle.pop(), body)
             except asyncio.IncompleteReadError as exc:
                 if exc.partial:
                     raise
+            except (ConnectionResetError, BrokenPipeError):
+                continue
         return await self._post(*await asyncio.open_connection("127.0.0.1", self.port), body)
 
     async def _post(

@@ -1030,3 +1030,41 @@ def test_versions():
         "pytest": pytest.__version__,
         "no-such-package-sentimentalyzer": None,
     }
+
+
+def test_flood_client_retries_a_reused_connection_the_server_closed() -> None:
+    """A keep-alive connection closed by the server while idle (uvicorn after 5 s) is the pool's to
+    retry on a fresh one, not a failure of the server: the reset or EOF comes before any byte."""
+    import asyncio
+    import socket
+    import struct
+
+    async def scenario() -> list[int]:
+        served = 0
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal served
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(b":")[1])
+            await reader.readexactly(length)
+            served += 1
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+            await writer.drain()
+            # drop the connection without saying so, with a reset (linger 0), as a close that crosses
+            # the client's next request on the wire does
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        conns = overload.Connections(port, timeout_s=5)
+        try:
+            statuses = [(await conns.post(b"{}"))[0] for _ in range(3)]
+        finally:
+            conns.close()
+            server.close()
+            await server.wait_closed()
+        assert served == 3
+        return statuses
+
+    assert asyncio.run(scenario()) == [200, 200, 200]
