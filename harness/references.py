@@ -150,13 +150,7 @@ def environment(run: dict[str, Any], limit: dict[str, Any] | None, servers: dict
 def command_line() -> str:
     """The command as the user typed it: `python -m harness.bench ...`, not the module's file path
     (which names the checkout it ran in)."""
-    return shlex.join(["python", *_invocation()])
-
-
-def _invocation() -> list[str]:
-    """sys.argv as the user typed it: `-m harness.bench ...` rather than the module's file path."""
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     if spec is not None and spec.name:
-        return ["-m", spec.name.removesuffix(".__main__"), *sys.argv[1:]]
-    return list(sys.argv)
+        return shlex.join(["python", "-m", spec.name.removesuffix(".__main__"), *sys.argv[1:]])
+    return shlex.join(["python", *sys.argv])

@@ -12,8 +12,11 @@ The percentile boundary, soak window and corpus line tests found bugs (fixed in 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import copy
 import csv
+import socket
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -1035,9 +1038,6 @@ def test_versions():
 def test_flood_client_retries_a_reused_connection_the_server_closed() -> None:
     """A keep-alive connection closed by the server while idle (uvicorn after 5 s) is the pool's to
     retry on a fresh one, not a failure of the server: the reset or EOF comes before any byte."""
-    import asyncio
-    import socket
-    import struct
 
     async def scenario() -> list[int]:
         served = 0
