@@ -97,8 +97,8 @@ class Connections:
         self.port, self.timeout_s = port, timeout_s
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
-    async def post(self, body: bytes) -> tuple[int, str | None]:
-        """(status, Retry-After); a timeout or error closes the connection, as a client that gives up does."""
+    async def post(self, body: bytes) -> tuple[int, str | None, bytes]:
+        """(status, Retry-After, body); a timeout or error closes the connection, as a client that gives up does."""
         while self.idle:
             # uvicorn closes connections idle for 5 s: on a reused one, an EOF before any byte, or a
             # reset (the close crossed our request), means just that; a pooled client retries it
@@ -113,7 +113,7 @@ class Connections:
 
     async def _post(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes
-    ) -> tuple[int, str | None]:
+    ) -> tuple[int, str | None, bytes]:
         try:
             writer.write(
                 b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -122,7 +122,7 @@ class Connections:
             async with asyncio.timeout(self.timeout_s):
                 head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
                 headers = dict(line.split(": ", 1) for line in head.split("\r\n")[1:] if ": " in line)
-                await reader.readexactly(int(headers.get("content-length", "0")))
+                answer = await reader.readexactly(int(headers.get("content-length", "0")))
         except BaseException:
             writer.close()
             raise
@@ -130,21 +130,28 @@ class Connections:
             writer.close()
         else:
             self.idle.append((reader, writer))
-        return int(head[9:12]), headers.get("retry-after")
+        return int(head[9:12]), headers.get("retry-after"), answer
 
     def close(self) -> None:
         for _, writer in self.idle:
             writer.close()
 
 
-async def send(conns: Connections, body: bytes, t0: float) -> tuple[float, float, int | str, str | None]:
-    """(sent at, latency, status or error name, Retry-After)."""
+Answer = tuple[float, float, int | str, str | None, float | None]
+
+
+async def send(conns: Connections, body: bytes, t0: float) -> Answer:
+    """(sent at, latency, status or error name, Retry-After, the server's own latency of a 200): the
+    last, from the answer's latency_ms, splits a 200's time into the handler's and the rest (the
+    event loops' lag on both sides, the sockets)."""
     sent = time.perf_counter()
     try:
-        status, retry_after = await conns.post(body)
-        return sent - t0, time.perf_counter() - sent, status, retry_after
+        status, retry_after, answer = await conns.post(body)
     except Exception as exc:
-        return sent - t0, time.perf_counter() - sent, type(exc).__name__, None
+        return sent - t0, time.perf_counter() - sent, type(exc).__name__, None, None
+    latency = time.perf_counter() - sent
+    server_s = json.loads(answer)["latency_ms"] / 1000 if status == 200 else None
+    return sent - t0, latency, status, retry_after, server_s
 
 
 def bodies(texts: list[str]) -> list[bytes]:
@@ -204,7 +211,7 @@ async def recover(port: int, has_queue: bool, limit_s: float = 120.0) -> dict[st
     probes: list[tuple[float, float, int | str]] = []
     drain = asyncio.create_task(drained_after(port, started)) if has_queue else None
     while time.perf_counter() - started < limit_s and len(streak) < 3:
-        at, latency, status, _ = await send(conns, b'{"text": "Is it back to normal?"}', started)
+        at, latency, status, _, _ = await send(conns, b'{"text": "Is it back to normal?"}', started)
         probes.append((round(at, 3), round(latency * 1000, 1), status))
         streak = streak + [at + latency] if status == 200 and latency < 1.0 else []
         await asyncio.sleep(0.02)
@@ -259,6 +266,7 @@ def summarize(
     statuses = Counter(str(r[2]) for r in results)
     lat = {k: [r[1] for r in results if str(r[2]) == k] for k in statuses}
     retry = [int(r[3]) for r in results if r[2] == 503 and r[3] and r[3].isdigit()]
+    inside = [r[4] for r in results if r[2] == 200 and r[4] is not None]
     rss = [s["rss_mb"] for s in samples if s["t"] <= seconds]
     third = max(1, len(rss) // 3)
     # Loses nothing: every answer the server counted for /predict reached a client, flood or probe.
@@ -271,6 +279,7 @@ def summarize(
         "only_200_503_504": set(statuses) <= {str(s) for s in ALLOWED},
         "ok_per_s": round(statuses.get("200", 0) / seconds, 1),
         "latency_ms": {k: {"p50": ms(pct(v, 50)), "p99": ms(pct(v, 99)), "max": ms(max(v))} for k, v in lat.items()},
+        "server_latency_ms_200": {"p50": ms(pct(inside, 50)), "p99": ms(pct(inside, 99))} if inside else None,
         "retry_after_counts": dict(sorted(Counter(retry).items())),
         "retry_after_median": pct(retry, 50),
         "answered_s": round(max((r[0] + r[1] for r in results), default=0) - run["ended_s"], 2),
@@ -406,6 +415,10 @@ def verdicts(r: dict[str, Any], soak: bool, timeout_ms: float | None) -> dict[st
     }
 
 
+def _p50_p99(v: dict[str, float | None] | None) -> str:
+    return "none" if v is None else f"p50 {v['p50']}, p99 {v['p99']}"
+
+
 def markdown(summary: dict[str, Any]) -> str:
     env, lines = summary["environment"], []
     cpu = env["cpu"]
@@ -451,6 +464,7 @@ def markdown(summary: dict[str, Any]) -> str:
                     f"| latency of {k} (ms) | p50 {v['p50']}, p99 {v['p99']}, max {v['max']} |"
                     for k, v in sorted(r["latency_ms"].items())
                 ),
+                f"| of that, inside the server's handler, for 200 (ms) | {_p50_p99(r['server_latency_ms_200'])} |",
                 f"| Retry-After values (count) | {r['retry_after_counts']} |",
                 f"| Retry-After median (s) | {r['retry_after_median']} |",
                 f"| after the flood's end (s): queue empty, last flood answer | {r['drained_s']}, {r['answered_s']} |",

@@ -624,16 +624,16 @@ def test_ms(seconds, expected):
 
 def flood_run() -> dict[str, Any]:
     return {
-        "results": [  # (sent at, latency, status or error name, Retry-After)
-            (0.00, 0.010, 200, None),
-            (0.05, 0.030, 200, None),
-            (0.10, 0.020, 200, None),
-            (0.20, 0.001, 503, "2"),
-            (0.25, 0.004, 503, "3"),
-            (0.30, 0.002, 503, "3"),
-            (0.35, 0.005, 503, "soon"),  # not a number of seconds: left out of the Retry-After figures
-            (0.40, 0.003, 503, None),
-            (0.50, 0.500, "ReadTimeout", None),
+        "results": [  # (sent at, latency, status or error name, Retry-After, the server's latency of a 200)
+            (0.00, 0.010, 200, None, 0.008),
+            (0.05, 0.030, 200, None, 0.012),
+            (0.10, 0.020, 200, None, 0.004),
+            (0.20, 0.001, 503, "2", None),
+            (0.25, 0.004, 503, "3", None),
+            (0.30, 0.002, 503, "3", None),
+            (0.35, 0.005, 503, "soon", None),  # not a number of seconds: left out of the Retry-After figures
+            (0.40, 0.003, 503, None, None),
+            (0.50, 0.500, "ReadTimeout", None, None),
         ],
         "not_sent": 4,
         "ended_s": 0.6,
@@ -664,6 +664,7 @@ def test_summarize_flood():
             "503": {"p50": 3.0, "p99": 5.0, "max": 5.0},
             "ReadTimeout": {"p50": 500.0, "p99": 500.0, "max": 500.0},
         },
+        "server_latency_ms_200": {"p50": 8.0, "p99": 12.0},  # the 200s' own figures, not the client's
         "retry_after_counts": {2: 1, 3: 2},
         "retry_after_median": 3,
         "answered_s": 0.4,  # last answer at 0.5 + 0.5, the flood ended at 0.6
@@ -679,7 +680,7 @@ def test_summarize_flood():
 
 def test_summarize_all_allowed_statuses():
     run = flood_run()
-    run["results"] = [r for r in run["results"] if r[2] != "ReadTimeout"] + [(0.55, 2.0, 504, None)]
+    run["results"] = [r for r in run["results"] if r[2] != "ReadTimeout"] + [(0.55, 2.0, 504, None, None)]
     s = overload.summarize(run, [], 2.0, {})
     assert s["only_200_503_504"] is True
     assert s["answered_s"] == 1.95  # 0.55 + 2.0 - 0.6
