@@ -74,7 +74,7 @@ def test_each_engine_loads_and_says_what_it_is(settings: Settings, changes: dict
     engine = load_engine(settings.replace(**changes))
     info = engine.describe()
     assert info["backend"] == changes.get("backend", "torch") and info["packed"] is packed
-    assert info["dtype"] == changes.get("dtype", "fp32")  # auto on a CPU without AMX (or onnx): fp32
+    assert info["dtype"] == changes.get("dtype", "fp32")
     [p] = engine.predict(["I loved it"])
     assert p.label in ("POSITIVE", "NEGATIVE") and 0.5 <= p.score <= 1.0
 

@@ -70,7 +70,7 @@ async def test_batched_matches_naive_over_http(settings: Settings, changes: dict
 
 def test_stand_in_parity_when_padded_with_long_companions() -> None:
     """The real DistilBERT architecture: padding to the longest text in the pass changes nothing."""
-    engine = load_engine(Settings(model_id="stand-in", batch_policy="pad", device="cpu"))
+    engine = load_engine(Settings(model_id="stand-in", batch_policy="pad", device="cpu", dtype="fp32"))
     alone = [engine.predict([t])[0] for t in TEXTS]
     together = engine.predict(TEXTS)
     assert {p.batch_size for p in together} == {len(TEXTS)}
