@@ -101,13 +101,14 @@ class BatchedService:
         batcher, engine = self.batcher, self.engine
         assert batcher is not None and engine is not None  # routed only once ready
         futures: list[asyncio.Future[Done[Prediction]]] = []
+        arrived = time.monotonic()  # REQUEST_TIMEOUT_MS counts from here: tokenizing is part of it
         try:
             # refused before tokenizing if even its fewest tokens cannot be served: under a flood the
             # 503 then costs no tokenizer time and does not queue behind other requests' tokenization
             batcher.check_admission(MIN_TOKENS * len(texts))
             jobs = await asyncio.get_running_loop().run_in_executor(self._tokenizer, _tokenize, engine, texts)
             for job in jobs:
-                futures.append(batcher.submit_nowait(job))
+                futures.append(batcher.submit_nowait(job, arrived))
         except QueueFull as exc:
             for f in futures:
                 f.cancel()

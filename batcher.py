@@ -17,10 +17,11 @@ computes queue, so the next batch is gathered during the current one.
 
 Per item: refused at once with QueueFull past max_queue items (or max_queue_cost units), or, with
 `admit_by_deadline`, when the passes ahead of it cannot be computed before its deadline (each pass
-timed as fixed + per-cost seconds, fitted to recent passes), with one pass of slack, unless nothing
-is queued ahead (both carry a retry-after); answered
-DeadlineExceeded if still queued after timeout_s, and then never computed; skipped if its caller
-cancelled. If a batch raises, it is bisected and retried so only the items that fail get the error.
+timed as fixed + per-cost seconds, fitted to recent passes), plus one median pass of slack, unless
+nothing is queued ahead (both carry a retry-after); answered DeadlineExceeded if still queued
+timeout_s after it arrived (`arrived`: when the caller's request did, so time spent before submit
+counts), and then never computed; skipped if its caller cancelled. If a batch raises, it is
+bisected and retried so only the items that fail get the error.
 No FastAPI, no torch: the server wires the hooks to metrics.
 """
 
@@ -101,6 +102,7 @@ class BatcherStats:
     pass_s_per_cost: float = 0.0
     pass_gap_s: float = 0.0
     arrival_gap_s: float | None = None  # moving average of the time between arrivals
+    admission_slack_s: float = 0.0  # added to each prediction at admission: one median pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +180,6 @@ class DynamicBatcher(Generic[T, R]):
         # full batch does; and the gaps between passes while work waited
         self._passes: collections.deque[tuple[int, float]] = collections.deque(maxlen=16)
         self._gaps_s: collections.deque[float] = collections.deque(maxlen=16)
-        self._slack_s = 0.0  # median pass time, kept with the fit so admission does no sorting per item
         self._fit_stale = False  # a pass ended since the last fit
 
     # ------------------------------------------------------------------------------------ lifecycle
@@ -242,16 +243,19 @@ class DynamicBatcher(Generic[T, R]):
 
     # -------------------------------------------------------------------------------------- callers
 
-    def submit_nowait(self, payload: T) -> asyncio.Future[Done[R]]:
-        """Queues one item and returns its future; raises QueueFull or BatcherStopped at once."""
+    def submit_nowait(self, payload: T, arrived: float | None = None) -> asyncio.Future[Done[R]]:
+        """Queues one item and returns its future; raises QueueFull or BatcherStopped at once.
+        `arrived` (time.monotonic()) is when the caller's request arrived: its deadline counts from
+        there, not from now."""
         if not self._accepting or self._loop is None:
             raise BatcherStopped(f"{self.name} is not accepting items")
         cost = self.cost_of(payload) if self.cost_of is not None else 1
-        self._admit(cost)
         loop, now = self._loop, time.monotonic()
+        elapsed = 0.0 if arrived is None else max(0.0, now - arrived)
+        self._admit(cost, elapsed)
         item: _Item[T, R] = _Item(next(self._seq), payload, cost, loop.create_future(), now)
         if self.timeout_s is not None:
-            item.timer = loop.call_at(loop.time() + self.timeout_s, self._expire, item)
+            item.timer = loop.call_at(loop.time() + self.timeout_s - elapsed, self._expire, item)
         item.future.add_done_callback(functools.partial(self._on_done, item))
         self._queue[item.seq] = item
         self._queued_cost += cost
@@ -271,18 +275,19 @@ class DynamicBatcher(Generic[T, R]):
         caller refuse at the door before it spends work (e.g. tokenizing) on a request."""
         self._admit(cost)
 
-    def _admit(self, cost: int) -> None:
+    def _admit(self, cost: int, elapsed_s: float = 0.0) -> None:
+        """Raises QueueFull unless an item of `cost`, `elapsed_s` into its deadline, is admitted."""
         full = len(self._queue) >= self.max_queue or (
             self.max_queue_cost is not None and self._queued_cost + cost > self.max_queue_cost
         )
         reason = "queue_full" if full else None
-        if reason is None and self.admit_by_deadline:
+        if reason is None and self.admit_by_deadline and self._queue and self.timeout_s is not None:
             # One typical pass of slack: the prediction is a fit, and a pass that runs slow must not
             # push the requests admitted at the edge past their deadline. With nothing queued ahead
             # it is always admitted: it goes in the next pass whatever is predicted, and a refusal
             # there feeds on itself (clients retrying at once slow the passes the fit is taken from).
-            predicted = self.predicted_answer_s(cost) if self._queue else None
-            if predicted is not None and self.timeout_s is not None and predicted + self._slack_s > self.timeout_s:
+            predicted = self.predicted_answer_s(cost)
+            if predicted is not None and elapsed_s + predicted + self.stats.admission_slack_s > self.timeout_s:
                 reason = "would_miss_deadline"
         if reason is None:
             return
@@ -439,7 +444,7 @@ class DynamicBatcher(Generic[T, R]):
         st = self.stats
         st.pass_fixed_s, st.pass_s_per_cost = fit_pass_cost(self._passes)
         st.pass_gap_s = statistics.median(self._gaps_s) if self._gaps_s else 0.0
-        self._slack_s = statistics.median(s for _, s in self._passes)
+        st.admission_slack_s = statistics.median(s for _, s in self._passes)
 
     def _fail_queued(self, error: BaseException) -> None:
         while self._queue:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -307,6 +308,35 @@ async def test_a_request_that_would_miss_its_deadline_is_refused_on_arrival() ->
     assert drops == ["would_miss_deadline"] and b.stats.refused == 1
     gate.set()
     assert await values(held, kept) == [5, 3]
+    await b.stop()
+
+
+async def test_the_deadline_counts_from_when_the_request_arrived() -> None:
+    """Time spent before submit (tokenizing, the event loop) is part of REQUEST_TIMEOUT_MS."""
+    gate = threading.Event()
+    b = await started(StubModel(gate=gate, f=len), max_batch_size=1, timeout_s=1.0, cost_of=len, admit_by_deadline=True)
+    b.stats.pass_s_per_cost = 0.1
+    held = b.submit_nowait("x" * 3)  # computing (gate closed): at most 0.3 s in flight
+    await until(lambda: b.depth == 0)
+    queued = b.submit_nowait("q")  # 0.1 s queued ahead
+    now = time.monotonic()
+    with pytest.raises(QueueFull):
+        b.submit_nowait("yy", arrived=now - 0.7)  # 0.7 s gone, up to 0.3 + 0.1 + 0.2 s to come
+    kept = b.submit_nowait("yy", arrived=now - 0.1)  # 0.1 s gone: answered within the second
+    gate.set()
+    assert await values(held, queued, kept) == [3, 1, 2]
+    await b.stop()
+
+    gate.clear()  # and the 504 timer: admitted (no fit), it expires when the second since arrival ends
+    b = await started(StubModel(gate=gate), max_batch_size=1, timeout_s=1.0)
+    held = b.submit_nowait(1)
+    await until(lambda: b.depth == 0)
+    fresh = b.submit_nowait(3)  # its second starts now
+    expiring = b.submit_nowait(2, arrived=time.monotonic() - 0.98)  # queued later, due earlier
+    done, _ = await asyncio.wait([expiring, fresh], return_when=asyncio.FIRST_COMPLETED)
+    assert done == {expiring} and isinstance(expiring.exception(), DeadlineExceeded)
+    gate.set()
+    assert await values(held, fresh) == [2, 6]
     await b.stop()
 
 
