@@ -3,7 +3,8 @@
     .venv/bin/python -m pytest tests/test_harness.py -q     # a few seconds: no servers, no model
 
 Covers harness/bench.py (Locust CSV rows, /metrics deltas, ratios, summary.csv cells, configurations),
-harness/report.py (the summary.md table, ratio, loss and scaling lines), harness/overload.py
+harness/report.py (the summary.md table, ratio, loss and scaling lines), harness/one_user.py (paired
+rounds against the goals), harness/overload.py
 (percentiles, summaries, soak windows, verdicts) and harness/references.py (corpus, length batches,
 machine info). Every expected value below is worked out by hand from the small inputs beside it.
 The percentile boundary, soak window and corpus line tests found bugs (fixed in the same change).
@@ -22,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from harness import bench, overload, references, report
+from harness import bench, one_user, overload, references, report
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -1079,3 +1080,20 @@ def test_flood_client_retries_a_reused_connection_the_server_closed() -> None:
         return statuses
 
     assert asyncio.run(scenario()) == [200, 200, 200]
+
+
+# -------------------------------------------------------------------------- one user: paired rounds
+
+
+def test_one_user_compare_takes_medians_over_rounds_against_the_goals():
+    rounds = [
+        {"naive": {"rps": 100.0, "p50_ms": 10.0}, "batched": {"rps": 99.0, "p50_ms": 10.5}},
+        {"naive": {"rps": 100.0, "p50_ms": 10.0}, "batched": {"rps": 90.0, "p50_ms": 12.0}},  # one bad round
+        {"naive": {"rps": 80.0, "p50_ms": 12.0}, "batched": {"rps": 80.0, "p50_ms": 12.2}},  # a slow machine
+    ]
+    c = one_user.compare(rounds)
+    assert c["rps_ratio_per_round"] == [0.99, 0.9, 1.0] and c["p50_extra_ms_per_round"] == [0.5, 2.0, 0.2]
+    assert (c["rps_ratio"], c["p50_extra_ms"]) == (0.99, 0.5)
+    assert list(c["verdicts"].values()) == [True, True]
+    rounds[0]["batched"] = {"rps": 97.0, "p50_ms": 11.1}  # now the median round is 0.97x, +1.1 ms
+    assert list(one_user.compare(rounds)["verdicts"].values()) == [False, False]

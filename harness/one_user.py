@@ -1,0 +1,173 @@
+"""One user, naive against batched, interleaved: what batching costs when nobody shares a pass.
+
+    MODEL_ID=stand-in python -m harness.one_user --out results/cpu-2core-one-user    # every engine here
+    MODEL_ID=stand-in python -m harness.one_user --engines onnx-int8 --rounds 3 --out /tmp/u1
+
+For each engine (BACKEND-DTYPE, default: every one harness.limits finds on this machine) both servers
+run side by side (`uvicorn naive_server:app` with NAIVE_MODE=threadpool and `uvicorn
+batched_server:app`, 127.0.0.1, same environment otherwise). One client sends --requests requests back
+to back on one keep-alive connection to one server, then to the other, and so on for --rounds rounds,
+the order swapped every round, after --warmup requests each: both servers see the same texts (the
+corpus in a fixed order) and the same machine state, so a drift of the machine falls on both. Per
+round: requests/s and median latency of each. The verdicts take the median over rounds of the
+batched/naive ratio of requests/s and of the difference of medians, against the goals (>= 0.98x,
+median at most 1 ms higher). A Locust run at one user (harness.bench) is one draw per server, minutes
+apart; this is the paired measurement. Writes summary.md and summary.json (figures and environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from harness.launch import Process, environ
+from harness.limits import engine_name, machine_engines
+from harness.references import command_line, cpu_info, git_state, read_corpus, versions
+
+SERVERS = {"naive": "naive_server:app", "batched": "batched_server:app"}
+RPS_GOAL, MEDIAN_GOAL_MS = 0.98, 1.0
+
+
+def run_round(client: httpx.Client, texts: list[str], start: int, n: int) -> dict[str, float]:
+    """n requests back to back, texts from `start` on: requests/s and the median latency (ms)."""
+    latencies = []
+    t0 = time.perf_counter()
+    for i in range(n):
+        sent = time.perf_counter()
+        client.post("/predict", json={"text": texts[(start + i) % len(texts)]}).raise_for_status()
+        latencies.append((time.perf_counter() - sent) * 1000)
+    return {"rps": n / (time.perf_counter() - t0), "p50_ms": statistics.median(latencies)}
+
+
+def compare(rounds: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """Per-round ratios and differences, their medians, and the verdicts against the goals."""
+    ratios = [r["batched"]["rps"] / r["naive"]["rps"] for r in rounds]
+    extra = [r["batched"]["p50_ms"] - r["naive"]["p50_ms"] for r in rounds]
+    rps_ratio, extra_ms = statistics.median(ratios), statistics.median(extra)
+    return {
+        "rps_ratio_per_round": [round(x, 3) for x in ratios],
+        "p50_extra_ms_per_round": [round(x, 2) for x in extra],
+        "rps_ratio": round(rps_ratio, 3),
+        "p50_extra_ms": round(extra_ms, 2),
+        "verdicts": {
+            f"requests/s >= {RPS_GOAL}x naive (median over rounds)": rps_ratio >= RPS_GOAL,
+            f"median at most {MEDIAN_GOAL_MS:g} ms higher (median over rounds)": extra_ms <= MEDIAN_GOAL_MS,
+        },
+    }
+
+
+def one_engine(name: str, env: dict[str, str], texts: list[str], a: argparse.Namespace, out: Path) -> dict[str, Any]:
+    procs = {
+        k: Process.uvicorn(mod, out / f"{name}-{k}.log", environ(env, drop=("API_KEYS", "RATE_LIMIT", "REDIS_URL")))
+        for k, mod in SERVERS.items()
+    }
+    try:
+        ready = {k: p.wait_ready(timeout_s=300) for k, p in procs.items()}
+        clients = {k: httpx.Client(base_url=p.url, timeout=60) for k, p in procs.items()}
+        for c in clients.values():
+            run_round(c, texts, 0, a.warmup)
+        rounds = []
+        for r in range(a.rounds):
+            order = list(SERVERS) if r % 2 == 0 else list(reversed(SERVERS))
+            rounds.append({k: run_round(clients[k], texts, r * a.requests, a.requests) for k in order})
+            print(f"{name} round {r + 1}: " + ", ".join(f"{k} {v['rps']:.1f}/s" for k, v in rounds[-1].items()))
+        for c in clients.values():
+            c.close()
+    finally:
+        for p in procs.values():
+            p.stop()
+    rounded = [{k: {m: round(x, 2) for m, x in v.items()} for k, v in r.items()} for r in rounds]
+    return {"engine": name, "settings": env, "ready": ready, "rounds": rounded, **compare(rounds)}
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    env = summary["environment"]
+    cpu = env["cpu"]
+    lines = [
+        f"# One user, naive vs batched, {summary['when']}",
+        "",
+        f"`{summary['command']}` at git {(env['git']['git_commit'] or '?')[:10]}"
+        f"{' (changed)' if env['git']['git_dirty'] else ''}; {cpu['model_name']} ({cpu['cores']} cores, "
+        f"{' '.join(f for f in cpu['flags'] if f.startswith(('avx', 'amx', 'fma', 'f16c')))}); "
+        f"Python {env['python']}, {', '.join(f'{k} {v}' for k, v in env['versions'].items())}.",
+        "",
+        f"{summary['args']['rounds']} rounds of {summary['args']['requests']} sequential requests per server "
+        f"(order swapped each round, {summary['args']['warmup']} warm-up requests each), corpus "
+        f"{summary['args']['corpus']}.",
+        "",
+        "| engine | model | naive req/s (median round) | batched req/s | batched / naive | naive p50 ms "
+        "| batched p50 ms | batched p50 - naive |",
+        "|---" * 8 + "|",
+    ]
+    for e in summary["engines"]:
+        med = {k: {m: statistics.median(r[k][m] for r in e["rounds"]) for m in ("rps", "p50_ms")} for k in SERVERS}
+        ready = e["ready"]["batched"]
+        lines.append(
+            f"| {e['engine']} | {ready.get('model_source')} ({ready.get('device')}, {ready.get('dtype')}) "
+            f"| {med['naive']['rps']:.1f} | {med['batched']['rps']:.1f} | {e['rps_ratio']:.3f} "
+            f"| {med['naive']['p50_ms']:.2f} | {med['batched']['p50_ms']:.2f} | {e['p50_extra_ms']:+.2f} ms |"
+        )
+    for e in summary["engines"]:
+        lines += [
+            "",
+            f"## {e['engine']}",
+            "",
+            f"batched/naive requests/s per round {e['rps_ratio_per_round']}; batched - naive median per round "
+            f"(ms) {e['p50_extra_ms_per_round']}; batching settings {e['ready']['batched'].get('batching')}.",
+            "",
+            *(f"- {'PASS' if ok else 'FAIL'}: {what}" for what, ok in e["verdicts"].items()),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--engines", help="comma-separated BACKEND-DTYPE, e.g. torch-fp32,onnx-int8 (default: all here)")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--requests", type=int, default=400, help="per server per round")
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--corpus", default="data/reviews.txt")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    texts = read_corpus(a.corpus)
+    engines = [engine_name(b, d) for b, d in machine_engines()]
+    chosen = a.engines.split(",") if a.engines else engines
+    unknown = set(chosen) - set(engines)
+    if unknown:
+        raise SystemExit(f"not an engine of this machine: {sorted(unknown)}; these are: {engines}")
+    results = []
+    for name in chosen:
+        backend, dtype = name.split("-", 1)
+        env = {"BACKEND": backend, "DTYPE": dtype, "NAIVE_MODE": "threadpool"}
+        results.append(one_engine(name, env, texts, a, out))
+    summary = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": command_line(),
+        "args": vars(a),
+        "environment": {
+            "cpu": cpu_info(),
+            "git": git_state(),
+            "python": platform.python_version(),
+            "versions": versions("torch", "transformers", "onnxruntime", "fastapi", "uvicorn", "httpx"),
+        },
+        "engines": results,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.md").write_text(markdown(summary))
+    print(f"one_user: wrote {out / 'summary.md'}")
+    return 0 if all(all(e["verdicts"].values()) for e in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
