@@ -5,11 +5,12 @@
 
 For each engine (BACKEND-DTYPE, default: every one harness.limits finds on this machine) both servers
 run side by side (`uvicorn naive_server:app` with NAIVE_MODE=threadpool and `uvicorn
-batched_server:app`, 127.0.0.1, same environment otherwise). One client sends --requests requests back
-to back on one keep-alive connection to one server, then to the other, and so on for --rounds rounds,
-the order swapped every round, after --warmup requests each: both servers see the same texts (the
-corpus in a fixed order) and the same machine state, so a drift of the machine falls on both. Per
-round: requests/s and median latency of each. The verdicts take the median over rounds of the
+batched_server:app`, 127.0.0.1, same environment otherwise). One client, one keep-alive connection
+to each, sends each text to one server and then the same text to the other, --requests texts a
+round, for --rounds rounds, which server goes first swapped every round, after --warmup requests
+each: both see the same texts (the corpus in a fixed order) milliseconds apart, so a drift of the
+machine (a neighbour, a clock change) falls on both alike. Per round and server: requests/s (one
+client: 1 / its mean latency) and the median latency. The verdicts take the median over rounds of the
 batched/naive ratio of requests/s and of the difference of medians, against the goals (>= 0.98x,
 median at most 1 ms higher). A Locust run at one user (harness.bench) is one draw per server, minutes
 apart; this is the paired measurement. Writes summary.md and summary.json (figures and environment).
@@ -37,15 +38,19 @@ SERVERS = {"naive": "naive_server:app", "batched": "batched_server:app"}
 RPS_GOAL, MEDIAN_GOAL_MS = 0.98, 1.0
 
 
-def run_round(client: httpx.Client, texts: list[str], start: int, n: int) -> dict[str, float]:
-    """n requests back to back, texts from `start` on: requests/s and the median latency (ms)."""
-    latencies = []
-    t0 = time.perf_counter()
+def run_round(
+    clients: dict[str, httpx.Client], order: list[str], texts: list[str], start: int, n: int
+) -> dict[str, dict[str, float]]:
+    """n texts from `start` on, each sent to every server in `order`, one after the other: per server,
+    requests/s of one sequential client (1 / mean latency) and the median latency (ms)."""
+    latencies: dict[str, list[float]] = {k: [] for k in order}
     for i in range(n):
-        sent = time.perf_counter()
-        client.post("/predict", json={"text": texts[(start + i) % len(texts)]}).raise_for_status()
-        latencies.append((time.perf_counter() - sent) * 1000)
-    return {"rps": n / (time.perf_counter() - t0), "p50_ms": statistics.median(latencies)}
+        text = texts[(start + i) % len(texts)]
+        for k in order:
+            sent = time.perf_counter()
+            clients[k].post("/predict", json={"text": text}).raise_for_status()
+            latencies[k].append((time.perf_counter() - sent) * 1000)
+    return {k: {"rps": 1000 * n / sum(v), "p50_ms": statistics.median(v)} for k, v in latencies.items()}
 
 
 def compare(rounds: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
@@ -73,12 +78,11 @@ def one_engine(name: str, env: dict[str, str], texts: list[str], a: argparse.Nam
     try:
         ready = {k: p.wait_ready(timeout_s=300) for k, p in procs.items()}
         clients = {k: httpx.Client(base_url=p.url, timeout=60) for k, p in procs.items()}
-        for c in clients.values():
-            run_round(c, texts, 0, a.warmup)
+        run_round(clients, list(SERVERS), texts, 0, a.warmup)
         rounds = []
         for r in range(a.rounds):
             order = list(SERVERS) if r % 2 == 0 else list(reversed(SERVERS))
-            rounds.append({k: run_round(clients[k], texts, r * a.requests, a.requests) for k in order})
+            rounds.append(run_round(clients, order, texts, r * a.requests, a.requests))
             print(f"{name} round {r + 1}: " + ", ".join(f"{k} {v['rps']:.1f}/s" for k, v in rounds[-1].items()))
         for c in clients.values():
             c.close()
@@ -100,12 +104,13 @@ def markdown(summary: dict[str, Any]) -> str:
         f"{' '.join(f for f in cpu['flags'] if f.startswith(('avx', 'amx', 'fma', 'f16c')))}); "
         f"Python {env['python']}, {', '.join(f'{k} {v}' for k, v in env['versions'].items())}.",
         "",
-        f"{summary['args']['rounds']} rounds of {summary['args']['requests']} sequential requests per server "
-        f"(order swapped each round, {summary['args']['warmup']} warm-up requests each), corpus "
-        f"{summary['args']['corpus']}.",
+        f"{summary['args']['rounds']} rounds of {summary['args']['requests']} texts, each sent to both servers "
+        f"in turn (which goes first swapped each round; {summary['args']['warmup']} warm-up texts), corpus "
+        f"{summary['args']['corpus']}. Server columns: the median round; the last two: the median of the "
+        "rounds' ratios and differences (what the verdicts take).",
         "",
-        "| engine | model | naive req/s (median round) | batched req/s | batched / naive | naive p50 ms "
-        "| batched p50 ms | batched p50 - naive |",
+        "| engine | model | naive req/s | batched req/s | naive p50 ms | batched p50 ms | batched / naive "
+        "| batched p50 - naive |",
         "|---" * 8 + "|",
     ]
     for e in summary["engines"]:
@@ -113,8 +118,8 @@ def markdown(summary: dict[str, Any]) -> str:
         ready = e["ready"]["batched"]
         lines.append(
             f"| {e['engine']} | {ready.get('model_source')} ({ready.get('device')}, {ready.get('dtype')}) "
-            f"| {med['naive']['rps']:.1f} | {med['batched']['rps']:.1f} | {e['rps_ratio']:.3f} "
-            f"| {med['naive']['p50_ms']:.2f} | {med['batched']['p50_ms']:.2f} | {e['p50_extra_ms']:+.2f} ms |"
+            f"| {med['naive']['rps']:.1f} | {med['batched']['rps']:.1f} | {med['naive']['p50_ms']:.2f} "
+            f"| {med['batched']['p50_ms']:.2f} | {e['rps_ratio']:.3f} | {e['p50_extra_ms']:+.2f} ms |"
         )
     for e in summary["engines"]:
         lines += [
