@@ -101,7 +101,7 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         f"`{summary['command']}` at git {(env['git']['git_commit'] or '?')[:10]}"
         f"{' (changed)' if env['git']['git_dirty'] else ''}; {cpu['model_name']} ({cpu['cores']} cores, "
-        f"{' '.join(f for f in cpu['flags'] if f.startswith(('avx', 'amx', 'fma', 'f16c')))}); "
+        f"{' '.join(cpu['flags'])}); "
         f"Python {env['python']}, {', '.join(f'{k} {v}' for k, v in env['versions'].items())}.",
         "",
         f"{summary['args']['rounds']} rounds of {summary['args']['requests']} texts, each sent to both servers "
