@@ -122,6 +122,10 @@ class BatchedService:
             raise ApiError(504, f"request timed out in the queue: {exc}") from None
         except BatcherStopped:
             raise ApiError(503, "server shutting down", {"Retry-After": "1"}) from None
+        answered_s = time.monotonic() - arrived
+        for d in done:
+            if d.predicted_s:  # how far admission's prediction was off: what REQUEST_TIMEOUT_MS rests on
+                self.obs.admission_ratio.observe(answered_s / d.predicted_s)
         return [
             dataclasses.replace(d.value, queue_ms=d.queue_wait_s * 1000, tokenize_ms=job.tokenize_ms)
             for d, job in zip(done, jobs, strict=True)

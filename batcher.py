@@ -4,7 +4,8 @@
     await batcher.start()
     label = await batcher.submit("I loved it")       # one caller, one future
     done = await batcher.submit_nowait("so dull")    # the same, with how it went:
-    done.value, done.queue_wait_s, done.batch_size   #   the result, time queued, items in its batch
+    done.value, done.queue_wait_s, done.batch_size   #   the result, time queued, items in its batch,
+    done.predicted_s                                 #   and admission's prediction (admit_by_deadline)
     await batcher.stop()                             # refuses new items, finishes every queued one
 
 The batch function takes a list and returns a list of the same length, in order; it runs in the
@@ -71,6 +72,9 @@ class Done(Generic[R]):
     value: R
     queue_wait_s: float  # from submit until its batch went to the worker
     batch_size: int  # items computed in the same call of the batch function
+    # admission's prediction of its time to answer, counted from `arrived`: set only when it was
+    # admitted behind a queue by deadline (admit_by_deadline); its accuracy is worth watching
+    predicted_s: float | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -80,6 +84,7 @@ class _Item(Generic[T, R]):
     cost: int
     future: asyncio.Future[Done[R]]
     enqueued: float  # time.monotonic()
+    predicted_s: float | None = None
     timer: asyncio.TimerHandle | None = None
 
 
@@ -252,8 +257,8 @@ class DynamicBatcher(Generic[T, R]):
         cost = self.cost_of(payload) if self.cost_of is not None else 1
         loop, now = self._loop, time.monotonic()
         elapsed = 0.0 if arrived is None else max(0.0, now - arrived)
-        self._admit(cost, elapsed)
-        item: _Item[T, R] = _Item(next(self._seq), payload, cost, loop.create_future(), now)
+        predicted = self._admit(cost, elapsed)
+        item: _Item[T, R] = _Item(next(self._seq), payload, cost, loop.create_future(), now, predicted)
         if self.timeout_s is not None:
             item.timer = loop.call_at(loop.time() + self.timeout_s - elapsed, self._expire, item)
         item.future.add_done_callback(functools.partial(self._on_done, item))
@@ -275,22 +280,25 @@ class DynamicBatcher(Generic[T, R]):
         caller refuse at the door before it spends work (e.g. tokenizing) on a request."""
         self._admit(cost)
 
-    def _admit(self, cost: int, elapsed_s: float = 0.0) -> None:
-        """Raises QueueFull unless an item of `cost`, `elapsed_s` into its deadline, is admitted."""
+    def _admit(self, cost: int, elapsed_s: float = 0.0) -> float | None:
+        """Raises QueueFull unless an item of `cost`, `elapsed_s` into its deadline, is admitted;
+        returns the predicted seconds from its arrival to its answer, if one was made."""
         full = len(self._queue) >= self.max_queue or (
             self.max_queue_cost is not None and self._queued_cost + cost > self.max_queue_cost
         )
         reason = "queue_full" if full else None
+        answer_s = None
         if reason is None and self.admit_by_deadline and self._queue and self.timeout_s is not None:
             # One typical pass of slack: the prediction is a fit, and a pass that runs slow must not
             # push the requests admitted at the edge past their deadline. With nothing queued ahead
             # it is always admitted: it goes in the next pass whatever is predicted, and a refusal
             # there feeds on itself (clients retrying at once slow the passes the fit is taken from).
             predicted = self.predicted_answer_s(cost)
-            if predicted is not None and elapsed_s + predicted + self.stats.admission_slack_s > self.timeout_s:
+            answer_s = None if predicted is None else elapsed_s + predicted
+            if answer_s is not None and answer_s + self.stats.admission_slack_s > self.timeout_s:
                 reason = "would_miss_deadline"
         if reason is None:
-            return
+            return answer_s
         self.stats.refused += 1
         if self.on_drop:
             self.on_drop(reason)
@@ -418,7 +426,7 @@ class DynamicBatcher(Generic[T, R]):
                 self.stats.items_failed += 1
                 item.future.set_exception(outcome.error)
             else:
-                item.future.set_result(Done(outcome, wait, len(batch)))
+                item.future.set_result(Done(outcome, wait, len(batch), item.predicted_s))
         self._account(BatchInfo(len(batch), cost, waits, compute_s, reason), gap_s)
 
     def _account(self, info: BatchInfo, gap_s: float | None) -> None:

@@ -85,6 +85,8 @@ def scrape(url: str) -> dict[str, float]:
                 out[s.name.split("_")[1] + ":" + ",".join(f"{v}" for v in s.labels.values())] = s.value
             elif s.name in ("sentimentalyzer_compute_seconds_sum", "sentimentalyzer_compute_seconds_count"):
                 out["passes:" + s.name.rsplit("_", 1)[1]] = s.value  # the forward passes, to size "one pass"
+            elif s.name == "sentimentalyzer_admission_prediction_ratio_bucket":
+                out[f"admission:{float(s.labels['le']):g}"] = s.value  # cumulative, by upper bound
     return out
 
 
@@ -261,6 +263,27 @@ async def watch(pid: int, url: str, t0: float, samples: list[dict[str, Any]], st
 # ------------------------------------------------------------------------------------------ analysis
 
 
+def admission_accuracy(served: dict[str, float]) -> dict[str, Any] | None:
+    """How far admission's predictions were off, from the server's histogram of time to answer over
+    the prediction (requests admitted behind a queue): the bucket bounds that hold the median and
+    the 90th percentile, and the share answered later than predicted."""
+    buckets = sorted((float(k.split(":", 1)[1]), v) for k, v in served.items() if k.startswith("admission:"))
+    count = buckets[-1][1] if buckets else 0
+    if not count:
+        return None
+
+    def at_most(q: float) -> float:  # the smallest bucket bound holding q of them (inf: above the last)
+        return next(bound for bound, n in buckets if n >= q * count)
+
+    on_time = max((n for bound, n in buckets if bound <= 1.0), default=0.0)  # cumulative: the last bound <= 1
+    return {
+        "admitted_behind_a_queue": int(count),
+        "later_than_predicted_pct": round(100 * (1 - on_time / count), 1),
+        "ratio_p50_at_most": at_most(0.5),
+        "ratio_p90_at_most": at_most(0.9),
+    }
+
+
 def summarize(
     run: dict[str, Any], samples: list[dict[str, Any]], seconds: float, served: dict[str, float]
 ) -> dict[str, Any]:
@@ -276,6 +299,7 @@ def summarize(
     server = {k.rsplit(",", 1)[1]: int(v) for k, v in served.items() if k.startswith("requests:/predict,")}
     passes = int(served.get("passes:count", 0))
     return {
+        "admission": admission_accuracy(served),
         "sent": len(results),
         "not_sent_client_cap": run.pop("not_sent"),
         "status_counts": dict(statuses),
@@ -424,6 +448,15 @@ def verdicts(r: dict[str, Any], soak: bool, timeout_ms: float | None) -> dict[st
     }
 
 
+def _accuracy(a: dict[str, Any] | None) -> str:
+    if a is None:
+        return "none predicted"
+    return (
+        f"p50 <= {a['ratio_p50_at_most']:g}, p90 <= {a['ratio_p90_at_most']:g} (histogram bounds); "
+        f"{a['later_than_predicted_pct']}% of {a['admitted_behind_a_queue']} later than predicted"
+    )
+
+
 def _p50_p99(v: dict[str, float | None] | None) -> str:
     return "none" if v is None else f"p50 {v['p50']}, p99 {v['p99']}"
 
@@ -475,6 +508,7 @@ def markdown(summary: dict[str, Any]) -> str:
                 ),
                 f"| of that, inside the server's handler, for 200 (ms) | {_p50_p99(r['server_latency_ms_200'])} |",
                 f"| forward passes during the flood: count, mean (ms) | {r['passes']}, {r['pass_ms_mean']} |",
+                f"| admitted behind a queue: answer time / admission's prediction | {_accuracy(r['admission'])} |",
                 f"| Retry-After values (count) | {r['retry_after_counts']} |",
                 f"| Retry-After median (s) | {r['retry_after_median']} |",
                 f"| after the flood's end (s): queue empty, last flood answer | {r['drained_s']}, {r['answered_s']} |",

@@ -38,6 +38,7 @@ from serving.settings import Settings
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+ADMISSION_RATIO_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 4.0)
 _KNOWN_PATHS = {"/predict", "/predict/batch", "/health", "/ready", "/metrics"}
 
 
@@ -99,6 +100,14 @@ class Observability:
             namespace=ns,
             registry=r,
             buckets=_LATENCY_BUCKETS,
+        )
+        self.admission_ratio = Histogram(
+            "admission_prediction_ratio",
+            "time to answer over what admission predicted on arrival, for requests admitted behind a "
+            "queue (REQUEST_TIMEOUT_MS); above 1: later than predicted",
+            namespace=ns,
+            registry=r,
+            buckets=ADMISSION_RATIO_BUCKETS,
         )
         self.queue_depth = Gauge(
             "queue_depth", "items waiting for the model", namespace=ns, registry=r, multiprocess_mode="livesum"

@@ -340,6 +340,21 @@ async def test_the_deadline_counts_from_when_the_request_arrived() -> None:
     await b.stop()
 
 
+async def test_the_answer_carries_admissions_prediction_when_one_was_made() -> None:
+    gate = threading.Event()
+    b = await started(StubModel(gate=gate, f=len), max_batch_size=1, timeout_s=1.0, cost_of=len, admit_by_deadline=True)
+    b.stats.pass_s_per_cost = 0.1
+    held = b.submit_nowait("x" * 3)  # nothing queued ahead: admitted unpredicted
+    await until(lambda: b.depth == 0)
+    queued = b.submit_nowait("q")  # nothing queued ahead (only the pass in flight): admitted unpredicted
+    behind = b.submit_nowait("yy", arrived=time.monotonic() - 0.2)  # 0.2 s gone, then 0.3 + 0.1 + 0.2 at most
+    gate.set()
+    first, second, third = [await f for f in (held, queued, behind)]
+    assert first.predicted_s is None and second.predicted_s is None
+    assert third.predicted_s is not None and 0.5 <= third.predicted_s <= 0.8  # counted from its arrival
+    await b.stop()
+
+
 async def test_check_admission_refuses_at_the_door_without_queueing() -> None:
     gate = threading.Event()
     drops: list[str] = []

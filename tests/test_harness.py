@@ -654,9 +654,20 @@ def test_summarize_flood():
         "dropped:queue_full": 5.0,
         "passes:sum": 0.5,  # four forward passes took half a second in all
         "passes:count": 4.0,
+        # admission's accuracy, cumulative by bound: 2 answered by 0.75 of the prediction, 6 by 1.0...
+        "admission:0.75": 2.0,
+        "admission:1": 6.0,
+        "admission:1.5": 9.0,
+        "admission:inf": 10.0,
     }
     s = overload.summarize(flood_run(), samples, 3.0, served)
     assert s == {
+        "admission": {
+            "admitted_behind_a_queue": 10,
+            "later_than_predicted_pct": 40.0,  # 4 of 10 above 1.0
+            "ratio_p50_at_most": 1.0,
+            "ratio_p90_at_most": 1.5,
+        },
         "sent": 9,
         "not_sent_client_cap": 4,
         "status_counts": {"200": 3, "503": 5, "ReadTimeout": 1},
@@ -691,6 +702,24 @@ def test_summarize_all_allowed_statuses():
     assert s["answered_s"] == 1.95  # 0.55 + 2.0 - 0.6
     assert s["rss_mb"] == {"first_third_max": None, "last_third_max": None, "peak": None}
     assert s["server_minus_client"] == {"200": -6, "503": -5, "504": -1}  # counted by no server
+    assert s["admission"] is None  # nothing admitted behind a queue: no prediction to judge
+
+
+def test_admission_accuracy_reads_the_bucket_holding_each_quantile() -> None:
+    late = {"admission:1": 1.0, "admission:2": 2.0, "admission:inf": 10.0}  # most beyond 2x the prediction
+    assert overload.admission_accuracy(late) == {
+        "admitted_behind_a_queue": 10,
+        "later_than_predicted_pct": 90.0,
+        "ratio_p50_at_most": float("inf"),
+        "ratio_p90_at_most": float("inf"),
+    }
+    on_time = {"admission:0.5": 9.0, "admission:0.75": 9.0, "admission:inf": 9.0}  # 0.25 unchanged: absent
+    assert overload.admission_accuracy(on_time) == {
+        "admitted_behind_a_queue": 9,
+        "later_than_predicted_pct": 0.0,
+        "ratio_p50_at_most": 0.5,
+        "ratio_p90_at_most": 0.5,
+    }
 
 
 def soak_results() -> list[tuple]:
