@@ -11,7 +11,9 @@ batched server's capacity is measured closed-loop (MAX_BATCH_SIZE clients back t
 open-loop generator (seeded Poisson arrivals, bounded by --seconds and --max-in-flight) sends
 factor x capacity requests a second whatever the answers. It records every answer's status and
 latency, the Retry-After of each 503, the server's RSS and queue depth every second, then how long
-the queue takes to drain and the server to answer normally again. The naive server gets the same
+the queue takes to drain and the server to answer normally again, and from the server's metrics the
+flood's forward passes and how far admission's predictions were off (answer time over prediction,
+sentimentalyzer_admission_prediction_ratio). The naive server gets the same
 flood, to document how it fails. The generator shares the machine's cores with the server: its
 own CPU time is recorded. Writes summary.md, summary.json (figures + environment) and server logs.
 
