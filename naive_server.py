@@ -34,7 +34,7 @@ class InlineService:
 
     async def start(self) -> None:
         source = await asyncio.to_thread(resolve_source, self.settings)
-        engine = await asyncio.to_thread(load_engine, self.settings, source)
+        engine = await asyncio.to_thread(load_engine, self.settings, source, "one")
         await asyncio.to_thread(engine.warmup, False)
         self.engine = engine
 
@@ -57,7 +57,7 @@ class InlineService:
         engine = self.engine
         assert engine is not None  # predict is only routed once ready
         if self.settings.naive_mode == "on-demand":
-            engine = load_engine(self.settings, engine.source)
+            engine = load_engine(self.settings, engine.source, "one")
         return engine.predict(texts, on_pass=self._on_pass)
 
     def _on_pass(self, p: PassStats) -> None:

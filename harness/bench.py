@@ -1,7 +1,7 @@
 """One command runs the whole comparison: every server configuration under Locust, two ceilings, a report.
 
     python -m harness.bench                          # CPU sweep, about 10 min on 2 cores -> results/<date>-cpu/
-    python -m harness.bench --quick                  # smoke test, under 2 min (CI)
+    python -m harness.bench --quick                  # smoke test, under 2 min (CI); rows of 100 answers, 10 s at most
     python -m harness.bench --gpu --out results/h100 # user counts that saturate a GPU, Locust --processes 4
     python -m harness.bench --peers                  # + LitServe, Triton, Ray Serve and BentoML rows (harness/peers/;
                                                    # builds their environments in .peers/ first where missing)
@@ -9,12 +9,18 @@
     python -m harness.bench --corpus data/short.txt --out results/cpu-short
     python -m harness.bench --only batched,naive-threadpool --users 8,32 --duration 15
     python -m harness.bench --ops --only ops --out results/cpu-2core-ops   # keys, rate limit, JSON logs: on vs off
+    python -m harness.bench --min-answers 200 --max-duration-s 120   # the defaults: every row holds 200 answers
+    python -m harness.bench --wrk-users 32           # the default: 32-user rows also run wrk (0: no wrk)
     MODEL_ID=stand-in DTYPE=int8 python -m harness.bench   # server settings come from the environment
                                                    # (API_KEYS, RATE_LIMIT and REDIS_URL are left out)
 
 For each configuration it starts `uvicorn <module>:app` on a free port with that configuration's
 environment, waits for GET /ready, and for each user count warms up (unrecorded Locust load), runs
 `locust --headless --csv` and reads the batch-size and padding counters from /metrics before and after.
+A row that finished fewer than --min-answers answers (successful responses) runs again for twice as
+long, or more as its rate projects, up to --max-duration-s; one still short there is kept, marked
+too_few_answers, and summary.md quotes no figure of it. Rows at --wrk-users users (POST /predict,
+closed loop) then run wrk for the same time, beside Locust (harness/wrk.py); without wrk, no wrk columns.
 Two references are measured in the same run: the model limit (tokenize + forward in-process, no
 HTTP, in a subprocess before any server starts) and the HTTP ceiling (`harness.bench:ceiling_app`, a
 no-model endpoint on the same FastAPI + uvicorn stack). `harness/report.py` turns summary.csv into
@@ -32,6 +38,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -40,13 +47,15 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness import wrk
 from harness.launch import ROOT, Process, environ
 from harness.limits import default_engine, engine_name, machine_engines
 from harness.peers import describe as describe_peers
 from harness.peers import launch as launch_peer
 from harness.peers import peer_configs
 from harness.peers import prepare as prepare_peers
-from harness.references import create_ceiling_app, environment
+from harness.peers.process import PeerProcess
+from harness.references import create_ceiling_app, environment, read_corpus
 
 SUMMARY_FIELDS = [
     "configuration",
@@ -58,6 +67,8 @@ SUMMARY_FIELDS = [
     "p99_ms",
     "requests",
     "failures",
+    "duration_s",
+    "too_few_answers",
     "avg_batch_size",
     "padding_efficiency",
     "rps_over_model_limit",
@@ -66,7 +77,14 @@ SUMMARY_FIELDS = [
     "batch_policy",
     "model_source",
     "locust_cpu_warning",
+    "wrk_requests_per_s",
+    "wrk_p50_ms",
+    "wrk_p95_ms",
+    "wrk_p99_ms",
+    "wrk_requests",
+    "wrk_errors",
 ]
+MIN_ANSWERS = 200  # a row with fewer is noise: its p99 is one or two requests
 
 
 @dataclass(frozen=True)
@@ -82,16 +100,33 @@ class Profile:
     limit_batches: tuple[int, ...]
     limit_s: float  # least seconds of model-limit timing per batch size and kind (whole corpus passes)
     wait_ms: tuple[int, ...] = ()  # MAX_WAIT_MS values besides the default, at bus_users
-    scale_workers: tuple[int, ...] = ()  # uvicorn --workers N rows (one model replica per process)
+    scale_workers: tuple[int, ...] = ()  # uvicorn --workers N rows (N front ends on the one engine)
     open_loop_rps: float = 0.0  # > 0: a batched row at this offered rate (open loop), to read its p99
     engine_users: tuple[int, ...] = (32,)  # user counts of the other engines' rows
     configs: tuple[str, ...] | None = None  # None = every configuration
+    min_answers: int = MIN_ANSWERS  # a row with fewer is run again for longer...
+    max_duration_s: float = 120.0  # ...doubling up to this, then kept but marked too_few_answers
+    wrk_users: int = 32  # rows at this user count are measured with wrk too (0: never)
 
 
 PROFILES = {
     "cpu": Profile((1, 8, 32), 15, 3, (1, 16), 32, (2,), 10, 0, (8, 16, 32, 64), 4.0, engine_users=(1, 32)),
+    # a smoke test of every step, wrk included, in under 2 minutes: fewer answers, a short cap
     "quick": Profile(
-        (8,), 5, 2, (), 8, (2,), 5, 0, (16,), 2.0, configs=("http-ceiling", "naive-threadpool", "batched")
+        (8,),
+        5,
+        2,
+        (),
+        8,
+        (2,),
+        5,
+        0,
+        (16,),
+        2.0,
+        configs=("http-ceiling", "naive-threadpool", "batched"),
+        min_answers=100,
+        max_duration_s=10.0,
+        wrk_users=8,
     ),
     "gpu": Profile(
         (1, 32, 128, 256, 512),
@@ -121,7 +156,7 @@ class Config:
     env: dict[str, str] = field(default_factory=dict)
     ready_path: str = "/ready"
     locust_args: tuple[str, ...] = ()
-    workers: int = 1  # uvicorn --workers: one model replica each (metrics through PROMETHEUS_MULTIPROC_DIR)
+    workers: int = 1  # uvicorn --workers: N front ends on one engine (their metrics summed: PROMETHEUS_MULTIPROC_DIR)
 
 
 def configurations(p: Profile, peers: bool, ops: bool = False) -> list[Config]:
@@ -277,10 +312,19 @@ def summary_row(
 
 
 def add_ratios(rows: list[dict[str, Any]], model_limit: float | None) -> list[dict[str, Any]]:
-    """requests/s over the model limit and over the best HTTP-ceiling figure of the run."""
-    ceiling = max((r.get("requests_per_s") or 0.0 for r in rows if r["configuration"] == "http-ceiling"), default=0.0)
+    """requests/s over the model limit and over the best HTTP-ceiling figure of the run (rows with too few
+    answers are no result: neither a ceiling nor a ratio)."""
+    ceiling = max(
+        (
+            r.get("requests_per_s") or 0.0
+            for r in rows
+            if r["configuration"] == "http-ceiling" and not r.get("too_few_answers")
+        ),
+        default=0.0,
+    )
     for r in rows:
-        rps = r.get("requests_per_s") if r["group"] != "reference" else None  # a ceiling over itself says nothing
+        # a ceiling over itself says nothing
+        rps = r.get("requests_per_s") if r["group"] != "reference" and not r.get("too_few_answers") else None
         r["rps_over_model_limit"] = rps / model_limit if rps is not None and model_limit else None
         r["rps_over_http_ceiling"] = rps / ceiling if rps is not None and ceiling else None
     return rows
@@ -374,6 +418,97 @@ def tail(path: Path, lines: int = 20) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+# ------------------------------------------------------------------- enough answers in every row
+
+
+def answers(row: dict[str, Any]) -> float:
+    return (row.get("requests") or 0.0) - (row.get("failures") or 0.0)
+
+
+def longer(seconds: float, got: float, min_answers: int, max_s: float) -> float:
+    """Twice seconds, doubled again while the rate so far projects fewer than min_answers (a quarter more
+    for Locust's ramp-up and the last second its CSV misses): one long re-run, not a ladder. At most max_s."""
+    need = seconds * min_answers / max(got, 1.0) * 1.25
+    nxt = 2 * seconds
+    while nxt < min(need, max_s):
+        nxt *= 2
+    return min(nxt, max_s)
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def enough_answers(
+    run: Callable[[float], dict[str, Any]],
+    first_s: float,
+    min_answers: int,
+    max_s: float,
+    say: Callable[[str], None] = _say,
+) -> dict[str, Any]:
+    """run(seconds) returns a row; runs it again for longer until the row holds min_answers answers or
+    has run max_s seconds. The row records the seconds of the run it is, and too_few_answers."""
+    seconds = first_s
+    while True:
+        row = run(seconds)
+        got = answers(row)
+        # failures and no answer: the server is failing, not slow, and more time brings more failures
+        if got >= min_answers or seconds >= max_s or (got == 0 and row.get("failures")):
+            return {**row, "duration_s": seconds, "too_few_answers": got < min_answers}
+        nxt = longer(seconds, got, min_answers, max_s)
+        say(
+            f"  {row['configuration']} u={row['users']}: {got:.0f} answers in {seconds:g} s, "
+            f"fewer than {min_answers}: again for {nxt:g} s"
+        )
+        seconds = nxt
+
+
+def wrk_headers(cfg: Config) -> dict[str, str] | None:
+    """Headers for wrk's POST /predict, or None where wrk would not send Locust's load: a peer's own
+    protocol, or an open-loop row (wrk keeps every connection busy, it can not pace)."""
+    args = list(cfg.locust_args)
+    if cfg.group == "peer" or "--target-rps-per-user" in args:
+        return None
+    return {"Authorization": f"Bearer {args[args.index('--api-key') + 1]}"} if "--api-key" in args else {}
+
+
+def bench_point(
+    cfg: Config, users: int, p: Profile, a: argparse.Namespace, out: Path, proc: Process, ready: dict[str, Any]
+) -> tuple[dict[str, Any], float]:
+    """One row: warm-up, Locust for as long as it takes to hold p.min_answers answers, wrk at p.wrk_users.
+    Returns the row and the seconds it took beyond its plan (for the progress estimate)."""
+    name, logs, ran = f"{cfg.name}_u{users}", out / "logs", []
+    run_locust(proc.url, users, p.warmup_s, a.corpus, p.processes, logs / f"{name}_warmup.log", None, cfg.locust_args)
+
+    def counters() -> dict[str, float]:
+        return proc.counters() if isinstance(proc, PeerProcess) else scrape(proc.url)  # a peer's from its log
+
+    def measured(seconds: float) -> dict[str, Any]:
+        ran.append(seconds)
+        before = counters()
+        log = logs / f"{name}_locust.log"
+        warn = run_locust(proc.url, users, seconds, a.corpus, p.processes, log, out / name, cfg.locust_args)
+        return summary_row(cfg, users, read_locust_stats(out / name), metrics_delta(before, counters()), ready, warn)
+
+    row = enough_answers(measured, cfg.duration_s, p.min_answers, p.max_duration_s)
+    extra = sum(ran) - cfg.duration_s
+    headers = wrk_headers(cfg)
+    if users == p.wrk_users and headers is not None and a.wrk_version:
+        try:
+            texts = read_corpus(str(ROOT / a.corpus))
+            result = wrk.measure(
+                proc.url + "/predict", users, row["duration_s"], texts, out / name, logs / name, headers
+            )
+        except (subprocess.TimeoutExpired, OSError) as exc:  # wrk's trouble is no reason to lose Locust's row
+            print(f"  !! wrk: {exc}", flush=True)
+            result = None
+        if result is None:
+            print(f"  !! wrk gave no result for {name}, see logs/{name}_wrk.log", flush=True)
+        row.update(wrk.columns(result))
+        extra += row["duration_s"] - cfg.duration_s
+    return row, extra
+
+
 # ------------------------------------------------------------------------------------ the whole run
 
 
@@ -398,8 +533,9 @@ def start_cost(cfg: Config, gpu: bool) -> float:
     return 4.0 if cfg.group == "reference" else (25.0 if gpu else 14.0)
 
 
-def point_cost(cfg: Config, p: Profile) -> float:
-    return p.warmup_s + cfg.duration_s + 4.0
+def point_cost(cfg: Config, p: Profile, users: int) -> float:
+    wrk_s = cfg.duration_s + 3.0 if users == p.wrk_users and wrk_headers(cfg) is not None else 0.0
+    return p.warmup_s + cfg.duration_s + 4.0 + wrk_s
 
 
 def bench_config(
@@ -416,38 +552,17 @@ def bench_config(
         servers[cfg.name] = ready
         progress.step(start_cost(cfg, a.gpu), f"{cfg.name}: ready at {url} (model {ready.get('model_source')})")
         for users in cfg.users:
-            name = f"{cfg.name}_u{users}"
-            run_locust(
-                url, users, p.warmup_s, a.corpus, p.processes, logs / f"{name}_warmup.log", None, cfg.locust_args
-            )
-            before = proc.counters() if cfg.group == "peer" else scrape(url)  # a peer's from its log
-            warn = run_locust(
-                url,
-                users,
-                cfg.duration_s,
-                a.corpus,
-                p.processes,
-                logs / f"{name}_locust.log",
-                out / name,
-                cfg.locust_args,
-            )
-            row = summary_row(
-                cfg,
-                users,
-                read_locust_stats(out / name),
-                metrics_delta(before, proc.counters() if cfg.group == "peer" else scrape(url)),
-                ready,
-                warn,
-            )
+            row, extra_s = bench_point(cfg, users, p, a, out, proc, ready)
             rows.append(row)
-            progress.step(point_cost(cfg, p), describe(row))
+            progress.planned += extra_s  # a longer row moves the plan, it is not the estimates going wrong
+            progress.step(point_cost(cfg, p, users) + extra_s, describe(row))
     except (RuntimeError, subprocess.TimeoutExpired, OSError) as exc:
         servers[cfg.name] = {"error": str(exc).splitlines()[0]}
         print(
             f"  !! {cfg.name} failed: {exc}\n  -- server log tail --\n{tail(logs / f'{cfg.name}_server.log')}",
             flush=True,
         )
-        left = (len(cfg.users) - len(rows)) * point_cost(cfg, p)
+        left = sum(point_cost(cfg, p, u) for u in cfg.users[len(rows) :])
         left += 0.0 if ready is not None else start_cost(cfg, a.gpu)
         progress.step(left, f"{cfg.name}: skipped")
     finally:
@@ -464,6 +579,8 @@ def describe(r: dict[str, Any]) -> str:
         return f"{r['configuration']} u={r['users']}: no requests completed ({r.get('failures', 0):.0f} failures)"
     extra = f", batch {r['avg_batch_size']:.1f}" if r.get("avg_batch_size") else ""
     extra += f", padding eff {r['padding_efficiency']:.2f}" if r.get("padding_efficiency") else ""
+    extra += f"; wrk {r['wrk_requests_per_s']:.1f} req/s, p99 {r['wrk_p99_ms']:.0f} ms" if r.get("wrk_p99_ms") else ""
+    extra += f" -- TOO FEW ANSWERS ({answers(r):.0f} in {r['duration_s']:g} s)" if r.get("too_few_answers") else ""
     return (
         f"{r['configuration']} u={r['users']}: {r['requests_per_s']:.1f} req/s, p50 {r['p50_ms']:.0f} ms, "
         f"p99 {r['p99_ms']:.0f} ms, {r['failures']:.0f} failures{extra}"
@@ -501,7 +618,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--only", help="comma-separated configuration names to run")
     ap.add_argument("--users", help="comma-separated user counts, instead of the profile's")
     ap.add_argument("--duration", type=float, help="seconds per measured run, instead of the profile's")
+    ap.add_argument(
+        "--min-answers",
+        type=int,
+        help=f"answers a row must hold, or it runs again for longer (default {MIN_ANSWERS}; --quick: fewer)",
+    )
+    ap.add_argument("--max-duration-s", type=float, help="longest run of a row (default 120 s; --quick: 10 s)")
+    ap.add_argument("--wrk-users", type=int, help="rows at this user count also run wrk (default 32; 0: none)")
     a = ap.parse_args(argv)
+    if a.min_answers is not None and a.min_answers < 0 or a.max_duration_s is not None and a.max_duration_s <= 0:
+        ap.error("--min-answers must be 0 or more and --max-duration-s more than 0")
     a.profile_name = "quick" if a.quick else "gpu" if a.gpu else "cpu"
     corpus = Path(a.corpus).resolve()
     if not corpus.is_file():
@@ -519,6 +645,9 @@ def select(a: argparse.Namespace) -> tuple[Profile, list[Config]]:
         p = replace(p, users=users, bus_users=max(users))
     if a.duration:
         p = replace(p, duration_s=a.duration)
+    for key in ("min_answers", "max_duration_s", "wrk_users"):
+        if getattr(a, key) is not None:
+            p = replace(p, **{key: getattr(a, key)})
     cfgs = configurations(p, a.peers, a.ops)
     if a.only:  # picks from every configuration, whatever the profile runs by default
         cfgs = configurations(replace(p, configs=None), a.peers, a.ops)
@@ -536,13 +665,34 @@ def select(a: argparse.Namespace) -> tuple[Profile, list[Config]]:
     return p, cfgs
 
 
+def run_settings(a: argparse.Namespace, p: Profile, cfgs: list[Config], load_at_start: float) -> dict[str, Any]:
+    """What environment.json records of the run itself, beside the machine and the model."""
+    return {
+        "profile": a.profile_name,
+        "corpus": a.corpus,
+        "profile_settings": asdict(p),
+        "load_average_at_start": load_at_start,
+        "peers": describe_peers(c.name for c in cfgs if c.group == "peer"),
+        "answers": {  # report.py's header says who lowered the bar, if anyone did
+            "min_answers": p.min_answers,
+            "max_duration_s": p.max_duration_s,
+            "standard": MIN_ANSWERS,
+            "set_by": "--min-answers" if a.min_answers is not None else f"the {a.profile_name} profile",
+        },
+        "wrk": {"users": p.wrk_users, "version": a.wrk_version},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     p, cfgs = select(a)
     out = Path(a.out or f"results/{datetime.now():%Y%m%d-%H%M%S}-{a.profile_name}")
     (out / "logs").mkdir(parents=True, exist_ok=True)
     limit_cost = 12.0 + 2 * len(p.limit_batches) * p.limit_s
-    progress = Progress(limit_cost + sum(start_cost(c, a.gpu) + len(c.users) * point_cost(c, p) for c in cfgs))
+    a.wrk_version = wrk.version()
+    progress = Progress(
+        limit_cost + sum(start_cost(c, a.gpu) + sum(point_cost(c, p, u) for u in c.users) for c in cfgs)
+    )
     print(
         f"bench: {len(cfgs)} configurations, corpus {a.corpus}, out {out}, about {fmt_s(progress.planned)} planned",
         flush=True,
@@ -562,17 +712,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows: list[dict[str, Any]] = []
     servers: dict[str, Any] = {}
-    run = {
-        "profile": a.profile_name,
-        "corpus": a.corpus,
-        "profile_settings": asdict(p),
-        "load_average_at_start": load_at_start,
-        "peers": describe_peers(c.name for c in cfgs if c.group == "peer"),
-    }
+    run = run_settings(a, p, cfgs, load_at_start)
     for cfg in [None, *cfgs]:  # files are rewritten after each configuration: a stopped run keeps its rows
         rows += bench_config(cfg, p, a, out, progress, servers) if cfg else []
         write_summary(out / "summary.csv", add_ratios(rows, limit["bucketed"]["samples_per_s"] if limit else None))
-        (out / "environment.json").write_text(json.dumps(environment(run, limit, servers), indent=2))
+        env = environment(run, limit, servers)
+        env["versions"]["wrk"] = a.wrk_version  # a binary, not a Python package: environment() can not see it
+        (out / "environment.json").write_text(json.dumps(env, indent=2))
     from harness import report  # matplotlib only now, after every measurement
 
     report.main([str(out)])

@@ -9,7 +9,8 @@ beforehand), padding, softmax and the copy to the CPU included, at torch's defau
 both torch and onnxruntime at N; 1 is the steadier figure on a machine shared with other work).
 
 engines: torch fp32 / bf16 / int8 (torch.ao dynamic quantization, deprecated; torchao when installed)
-and ONNX Runtime fp32 / int8 (serving.onnx_runner, spinning on and off), each over length-sorted
+ONNX Runtime fp32 / int8 (serving.onnx_runner, spinning on and off) and OpenVINO fp32 / bf16 / int8
+(serving.openvino_runner; bf16 where the CPU has it, int8 at bf16 precision there), each over length-sorted
 batches of 16 (every text once a round) and batches of one (a length-stratified subset), and the max
 and mean abs diff of P(positive) from torch fp32 over the corpus, plus label flips where fp32 is not
 within 1e-2 of 0.5. packing: random takes of 32 texts, one pass each, padded to the longest versus
@@ -95,7 +96,31 @@ def build_engines(model: Any, source: Any, cache_dir: Path) -> tuple[dict[str, R
         notes[f"onnx {dtype}"] = {**runner.describe(), "load_s": round(time.perf_counter() - t0, 1)}
         engines[f"onnx {dtype}"] = runner
     engines["onnx int8, no spinning"] = load_onnx_runner(model, key, "int8", cpu, cache_dir, spin=False)
+    _add_openvino(engines, notes, model, source, key, cache_dir.parent)
     return engines, notes
+
+
+def _add_openvino(
+    engines: dict[str, Run], notes: dict[str, Any], model: Any, source: Any, key: str, root: Path
+) -> None:
+    """OpenVINO fp32, bf16 (where the CPU has it) and int8, from the same ONNX export (cache root `root`)."""
+    try:
+        from serving.model import cpu_flags
+        from serving.openvino_runner import BF16_FLAGS, load_openvino_runner, require_openvino
+
+        require_openvino("int8")
+    except RuntimeError as exc:
+        notes["openvino"] = f"not measured: {exc}"
+        return
+    from transformers import AutoTokenizer
+
+    tokenizer, flags = AutoTokenizer.from_pretrained(source.path), cpu_flags()
+    for dtype in ("fp32", "bf16", "int8") if flags & BF16_FLAGS else ("fp32", "int8"):
+        progress(f"openvino {dtype}: loading (converts on the first run)")
+        t0 = time.perf_counter()
+        runner = load_openvino_runner(model, key, dtype, tokenizer, root, flags)
+        notes[f"openvino {dtype}"] = {**runner.describe(), "load_s": round(time.perf_counter() - t0, 1)}
+        engines[f"openvino {dtype}"] = runner
 
 
 def one_pass(run: Run, batches: list[list[int]], ids: list[list[int]]) -> tuple[float, dict[int, float]]:
@@ -264,7 +289,9 @@ def main(argv: list[str] | None = None) -> None:
         "threads": torch.get_num_threads(),
         "onednn_primitive_cache_capacity": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "default"),
         "cpu": cpu_info(),
-        "versions": versions("torch", "transformers", "onnxruntime", "onnx", "onnxscript", "torchao"),
+        "versions": versions(
+            "torch", "transformers", "onnxruntime", "onnx", "onnxscript", "torchao", "openvino", "nncf"
+        ),
         **git_state(),
     }
     if args.only in (None, "engines"):

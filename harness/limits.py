@@ -32,7 +32,7 @@ FP32 = ("torch", "fp32")
 
 def machine_engines(gpu: bool = False) -> list[tuple[str, str]]:
     """(BACKEND, DTYPE) of every engine this machine runs, torch fp32 first: bf16 only where the CPU
-    has bf16 instructions (AVX-512 BF16 or AMX), ONNX Runtime where it is installed."""
+    has bf16 instructions (AVX-512 BF16 or AMX), ONNX Runtime and OpenVINO where they are installed."""
     if gpu:
         return [FP32, ("torch", "fp16"), ("torch", "bf16")]
     flags = set(cpu_info()["flags"])
@@ -41,6 +41,12 @@ def machine_engines(gpu: bool = False) -> list[tuple[str, str]]:
         engines.append(("torch", "bf16"))
     if importlib.util.find_spec("onnxruntime") is not None:
         engines += [("onnx", "fp32"), ("onnx", "int8")]
+    if importlib.util.find_spec("openvino") is not None:
+        engines.append(("openvino", "fp32"))
+        if flags & {"avx512_bf16", "amx_bf16"}:
+            engines.append(("openvino", "bf16"))
+        if importlib.util.find_spec("nncf") is not None:
+            engines.append(("openvino", "int8"))
     return engines
 
 
@@ -48,7 +54,13 @@ def default_engine(gpu: bool = False) -> tuple[str, str]:
     """The engine the servers pick from this environment (BACKEND, DTYPE=auto as serving.model does)."""
     backend, dtype = os.environ.get("BACKEND") or "torch", os.environ.get("DTYPE") or "auto"
     if dtype == "auto":
-        dtype = "fp16" if gpu else "bf16" if backend == "torch" and "amx_bf16" in cpu_info()["flags"] else "fp32"
+        dtype = (
+            "fp16"
+            if gpu
+            else "bf16"
+            if backend in ("torch", "openvino") and "amx_bf16" in cpu_info()["flags"]
+            else "fp32"
+        )
     return backend, dtype
 
 

@@ -31,11 +31,18 @@ NUMERIC = (
     "p99_ms",
     "requests",
     "failures",
+    "duration_s",
     "avg_batch_size",
     "padding_efficiency",
     "rps_over_model_limit",
     "rps_over_http_ceiling",
     "max_batch_size",
+    "wrk_requests_per_s",
+    "wrk_p50_ms",
+    "wrk_p95_ms",
+    "wrk_p99_ms",
+    "wrk_requests",
+    "wrk_errors",
 )
 NAIVE = ("naive-threadpool", "naive-blocking")
 
@@ -49,7 +56,18 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
             v = r.get(k)
             r[k] = None if v in (None, "") else (int(float(v)) if k in ("users", "max_batch_size") else float(v))
         r["locust_cpu_warning"] = r.get("locust_cpu_warning") == "True"
+        r["too_few_answers"] = r.get("too_few_answers") == "True"  # blank in runs from before the flag
     return rows
+
+
+def results(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows that are results: a row with too few answers is listed as such, never compared or drawn."""
+    return [r for r in rows if not r.get("too_few_answers")]
+
+
+def too_few(r: dict[str, Any]) -> str:
+    answers = (r["requests"] or 0.0) - (r["failures"] or 0.0)
+    return f"too few answers ({answers:,.0f} in {_f(r['duration_s'], 0) or '?'} s)"
 
 
 def find(rows: list[dict[str, Any]], name: str, users: int) -> dict[str, Any] | None:
@@ -74,6 +92,10 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        if r.get("too_few_answers"):
+            cells = [r["configuration"], str(r["users"]), too_few(r), "", "", "", _f(r["failures"], 0), *[""] * 4]
+            out.append("| " + " | ".join(cells) + " |")
+            continue
         out.append(
             f"| {r['configuration']} | {r['users']} | {_f(r['requests_per_s'])} | {_f(r['p50_ms'], 0)} "
             f"| {_f(r['p95_ms'], 0)} | {_f(r['p99_ms'], 0)} | {_f(r['failures'], 0)} "
@@ -162,6 +184,7 @@ def header(env: dict[str, Any]) -> list[str]:
         ),
         f"- corpus: {env.get('corpus')}; batching settings: {json.dumps(env.get('batching'))}",
         f"- git: {env.get('git_commit') or 'no commit'}{' (dirty)' if env.get('git_dirty') else ''}",
+        *answers_rule(env),
     ]
     if limit:
         b, r = limit["bucketed"], limit["random"]
@@ -190,6 +213,56 @@ def header(env: dict[str, Any]) -> list[str]:
     return lines
 
 
+def answers_rule(env: dict[str, Any]) -> list[str]:
+    """The least answers a row held to count as a result, and who lowered it below the standard."""
+    rule = env.get("answers")
+    if not rule:  # a run from before the rule
+        return []
+    n, cap, standard = rule["min_answers"], rule["max_duration_s"], rule["standard"]
+    line = (
+        f"- every result holds at least {n} answers (successful responses): a row with fewer ran again for "
+        f"longer, up to {cap:g} s; one still short is listed as too few answers, with no figure quoted"
+    )
+    if n < standard:
+        line += f". {n} is below the standard {standard}, set by {rule['set_by']}: a smoke test, not a measurement"
+    return [line]
+
+
+def _wrk_line(r: dict[str, Any], minimum: int) -> str:
+    """One configuration's Locust and wrk figures; either side with too few answers quotes none."""
+    locust = not r.get("too_few_answers")
+    wrk = r["wrk_requests"] is not None and r["wrk_requests"] >= minimum  # the same rule as Locust's rows
+    ratio = r["wrk_requests_per_s"] / r["requests_per_s"] if wrk and locust and r["requests_per_s"] else None
+    if wrk:
+        wrk_rps = _f(r["wrk_requests_per_s"])
+    elif r["wrk_requests"] is None:
+        wrk_rps = "no wrk result"
+    else:
+        wrk_rps = too_few({**r, "requests": r["wrk_requests"], "failures": 0.0})
+    cells = [r["configuration"], _f(r["requests_per_s"]) if locust else too_few(r), wrk_rps, _f(ratio, 2)]
+    for key in ("p50_ms", "p99_ms"):
+        cells += [_f(r[key], 0) if locust else "", _f(r[f"wrk_{key}"], 0) if wrk else ""]
+    return "| " + " | ".join([*cells, _f(r["wrk_errors"], 0)]) + " |"
+
+
+def wrk_section(rows: list[dict[str, Any]], env: dict[str, Any]) -> list[str]:
+    """Locust's figures beside wrk's, on the rows at wrk's user count."""
+    w = env.get("wrk")
+    if not w or not w.get("users"):  # a run from before wrk, or --wrk-users 0
+        return []
+    head = [f"## Locust beside wrk ({_users(w['users'])}, POST /predict, closed loop)", ""]
+    if not w.get("version"):
+        return [*head, "wrk not installed: no wrk figures in this run.", ""]
+    out = [
+        "| configuration | Locust req/s | wrk req/s | wrk / Locust | Locust p50 ms | wrk p50 ms | Locust p99 ms "
+        "| wrk p99 ms | wrk errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    minimum = (env.get("answers") or {}).get("min_answers", 0)
+    out += [_wrk_line(r, minimum) for r in rows if r["users"] == w["users"] and r["group"] != "peer"]
+    return [*head, *(out if len(out) > 2 else [f"No row at {_users(w['users'])} in this run."]), ""]
+
+
 def scaling(rows: list[dict[str, Any]]) -> list[str]:
     """uvicorn --workers N rows against N x the one-process batched row at the same user count."""
     out = []
@@ -208,7 +281,8 @@ def scaling(rows: list[dict[str, Any]]) -> list[str]:
     return ["## Several processes (uvicorn --workers N, one model replica each)", "", *out, ""] if out else []
 
 
-def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
+def markdown(all_rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
+    rows = results(all_rows)  # the table lists every row; the rest reads results only
     ceiling = [r for r in rows if r["configuration"] == "http-ceiling" and r["requests_per_s"]]
     ceil_line = (
         f"- HTTP ceiling (no-model endpoint, same FastAPI + uvicorn stack): "
@@ -216,16 +290,15 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
         if ceiling
         else "- HTTP ceiling: not measured in this run"
     )
-    warned = sorted({f"{r['configuration']} u={r['users']}" for r in rows if r["locust_cpu_warning"]})
-    failed = [f"{n}: {s['error']}" for n, s in (env.get("servers") or {}).items() if "error" in s]
     parts = [
         *header(env),
         ceil_line,
         "",
         "## Results",
         "",
-        *table(rows),
+        *table(all_rows),
         "",
+        *wrk_section(all_rows, env),
         *scaling(rows),
         "## Batched versus naive",
         "",
@@ -237,6 +310,13 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
         "",
         *[f"- {line}" for line in losses(rows)],
         "",
+        *caveats(all_rows, env),
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def caveats(all_rows: list[dict[str, Any]], env: dict[str, Any]) -> list[str]:
+    parts = [
         "## Caveats",
         "",
         "- Locust's CSV is a snapshot written once a second: the last second of each run is not in it.",
@@ -248,13 +328,21 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
             f"- The machine's 1-minute load average was {load:.2f} ({cores} cores) before the run started: "
             "other work was competing for the CPU, so these figures understate what it can do."
         )
+    warned = sorted({f"{r['configuration']} u={r['users']}" for r in results(all_rows) if r["locust_cpu_warning"]})
     if warned:
         parts.append(
             f"- Locust warned that its CPU was above 90% in: {', '.join(warned)}; those figures may be "
             "limited by the load generator rather than the server."
         )
-    parts += [f"- configuration that did not run: {f}" for f in failed]
-    return "\n".join(parts) + "\n"
+    short = [f"{r['configuration']} u={r['users']}: {too_few(r)}" for r in all_rows if r.get("too_few_answers")]
+    if short:
+        n = (env.get("answers") or {}).get("min_answers")
+        parts.append(
+            f"- Fewer than {n} answers even at the longest run, so no result: {'; '.join(short)}. "
+            "Their figures stay in summary.csv (too_few_answers True) and nowhere above."
+        )
+    failed = [f"{n}: {s['error']}" for n, s in (env.get("servers") or {}).items() if "error" in s]
+    return parts + [f"- configuration that did not run: {f}" for f in failed]
 
 
 def _user_ticks(ax: Any, rows: list[dict[str, Any]]) -> None:
@@ -359,10 +447,11 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip().splitlines()[2])
         return 2
     run = Path(args[0])
-    rows = load_rows(run / "summary.csv")
+    all_rows = load_rows(run / "summary.csv")
     env_path = run / "environment.json"
     env = json.loads(env_path.read_text()) if env_path.exists() else {}
-    (run / "summary.md").write_text(markdown(rows, env), encoding="utf-8")
+    (run / "summary.md").write_text(markdown(all_rows, env), encoding="utf-8")
+    rows = results(all_rows)  # a row with too few answers is not drawn
     plot_throughput(rows, env, run / "throughput_vs_users.png")
     plot_latency(rows, run / "latency_vs_users.png")
     if not plot_bus(rows, run / "batch_size_tradeoff.png"):

@@ -113,7 +113,8 @@ def build_app(
     app.state.kind = kind
     app.state.settings = settings
     app.state.service = None  # set by the lifespan once loaded and warm
-    app.state.obs = Observability(kind)
+    # the batched server's engine metrics live in its engine process: /metrics adds them from there
+    app.state.obs = Observability(kind, engine_side=kind != "batched")
     _add_handlers(app)
     _add_common_routes(app)
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
@@ -164,7 +165,9 @@ def _add_common_routes(app: FastAPI) -> None:
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics(request: Request) -> Response:
-        body, content_type = request.app.state.obs.exposition()
+        service = request.app.state.service
+        engine_text = await service.metrics_text() if hasattr(service, "metrics_text") else b""
+        body, content_type = request.app.state.obs.exposition(engine_text)
         return Response(body, media_type=content_type)
 
 

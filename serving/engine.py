@@ -139,6 +139,21 @@ def pack_chunks(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     return chunks if chunks[0] else []
 
 
+class TextTokenizer:
+    """Texts to token ids, truncated to what the model takes (512 for DistilBERT); thread-safe."""
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.tokenizer, self.max_length = tokenizer, max_length
+        # Rust tokenizers raise "Already borrowed" if two threads use one at the same moment.
+        self._lock = threading.Lock()
+
+    def __call__(self, texts: Sequence[str]) -> list[list[int]]:
+        with self._lock:
+            enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=False)
+        ids: list[list[int]] = enc["input_ids"]
+        return ids
+
+
 class Engine:
     """A loaded tokenizer and model. `predict` is thread-safe; the batched server calls it from one thread."""
 
@@ -171,8 +186,7 @@ class Engine:
         # machine was busy does not steer grouping for the whole life of the process.
         self._passes: collections.deque[tuple[int, int, float]] = collections.deque(maxlen=256)
         self._seen = 0
-        # Rust tokenizers raise "Already borrowed" if two threads use one at the same moment.
-        self._tokenizer_lock = threading.Lock()
+        self.text_tokenizer = TextTokenizer(tokenizer, self.max_length)
 
     def describe(self) -> dict[str, object]:
         return {**self.info, "packed": self.packed is not None, "max_pass_tokens": self.max_pass_tokens}
@@ -182,10 +196,7 @@ class Engine:
         return fixed + per_token * n * length + per_attn * n * length * length
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        with self._tokenizer_lock:
-            enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=False)
-        ids: list[list[int]] = enc["input_ids"]
-        return ids
+        return self.text_tokenizer(texts)
 
     def forward(self, ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, int]:
         """Probabilities (n, labels) in fp32 for one pass over ids; also the tokens computed."""

@@ -8,7 +8,8 @@
 Weights come from the hub, a local directory, or the stand-in (same architecture and tokenizer,
 seeded random weights) when the hub cannot be reached. The engine is PyTorch eager (fp32, bf16; fp16
 on CUDA), run padding-free ("packed") where serving/packed.py supports the architecture, or ONNX
-Runtime (fp32, int8; fp16 on CUDA) exported from whatever was loaded (serving/onnx_runner.py).
+Runtime (fp32, int8; fp16 on CUDA) exported from whatever was loaded (serving/onnx_runner.py), or
+OpenVINO (CPU: fp32, bf16, int8) converted from that export (serving/openvino_runner.py).
 DTYPE=auto is fp16 on CUDA; on a CPU, bf16 where it has AMX bf16 units, else fp32.
 """
 
@@ -28,6 +29,7 @@ from urllib.parse import urlparse
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DistilBertConfig,
@@ -36,10 +38,21 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from serving.engine import Engine, PassStats, Prediction, TorchRunner, plan_groups
+from serving.engine import Engine, PassStats, Prediction, TextTokenizer, TorchRunner, plan_groups
 from serving.settings import Settings
 
-__all__ = ["STAND_IN", "Engine", "PassStats", "Prediction", "Source", "load_engine", "plan_groups", "resolve_source"]
+__all__ = [
+    "STAND_IN",
+    "Engine",
+    "PassStats",
+    "Prediction",
+    "Source",
+    "TextTokenizer",
+    "load_engine",
+    "load_tokenizer",
+    "plan_groups",
+    "resolve_source",
+]
 log = logging.getLogger("sentimentalyzer.model")
 STAND_IN = "stand-in"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -174,14 +187,25 @@ def cpu_flags() -> frozenset[str]:
 
 def pick_dtype(setting: str, device: torch.device, backend: str = "torch") -> str:
     """DTYPE=auto: fp16 on CUDA; on a CPU bf16 where it has AMX bf16 (the only CPUs where bf16 beat
-    fp32 here by a wide margin), else fp32. Explicit choices are checked against what each engine runs."""
+    fp32 here by a wide margin), else fp32. Explicit choices are checked against what each engine runs.
+    BACKEND=auto resolves both by measurement (serving/autoselect.py): the setting passes through."""
+    if backend == "auto":
+        return setting
     if setting == "auto":
         if device.type == "cuda":
             return "fp16"
-        return "bf16" if backend == "torch" and "amx_bf16" in cpu_flags() else "fp32"
+        return "bf16" if backend in ("torch", "openvino") and "amx_bf16" in cpu_flags() else "fp32"
+    if backend == "openvino":
+        from serving.openvino_runner import check_dtype
+
+        try:
+            check_dtype(setting, device, cpu_flags())
+        except ValueError as exc:
+            raise RuntimeError(str(exc)) from None
+        return setting
     if setting == "int8" and (device.type != "cpu" or backend != "onnx"):
         raise RuntimeError(
-            "DTYPE=int8 is ONNX Runtime's dynamic quantization on a CPU: set BACKEND=onnx and DEVICE=cpu "
+            "DTYPE=int8 is quantized on a CPU: set BACKEND=onnx or BACKEND=openvino, and DEVICE=cpu "
             "(PyTorch's own dynamic quantization, torch.ao, is deprecated and was no faster here)"
         )
     if setting == "fp16" and device.type == "cpu":
@@ -200,9 +224,34 @@ def weights_key(source: Source, model: PreTrainedModel) -> str:
     return f"{Path(source.path).name or source.path}-{digest.hexdigest()[:16]}"
 
 
-def load_engine(settings: Settings, source: Source | None = None) -> Engine:
-    """Loads tokenizer and model at the configured engine (no warm-up: call `engine.warmup()`)."""
+def load_tokenizer(source: Source) -> TextTokenizer:
+    """The tokenizer alone, as the engine would truncate (a front end tokenizes; its engine computes)."""
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    config = AutoConfig.from_pretrained(source.path)
+    return TextTokenizer(tokenizer, min(int(tokenizer.model_max_length), int(config.max_position_embeddings)))
+
+
+def load_engine(settings: Settings, source: Source | None = None, shape: str = "pass") -> Engine:
+    """Loads tokenizer and model at the configured engine (no warm-up: call `engine.warmup()`).
+    BACKEND=auto measures (or reads the cached measurement) and loads the fastest engine for `shape`:
+    "pass" for the batched server's full passes, "one" for the naive server's batch of one."""
     source = source or resolve_source(settings)
+    if settings.backend != "auto":
+        return _load(settings, source)
+    from serving.autoselect import Machine, choose
+
+    device = pick_device(settings.device)
+    model = AutoModelForSequenceClassification.from_pretrained(source.path)
+    machine = Machine(device.type, cpu_flags(), weights_key(source, model), cache_dir() / "auto")
+    del model
+    choice = choose(settings, shape, lambda s: _load(s, source), machine)
+    engine = _load(settings.replace(backend=choice.backend, dtype=choice.dtype), source)
+    engine.info["auto"] = choice.describe()
+    return engine
+
+
+def _load(settings: Settings, source: Source) -> Engine:
+    """One concrete engine: BACKEND torch, onnx or openvino."""
     hf_logging.disable_progress_bar()  # on-demand mode loads per request: no progress bars in the log
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device, settings.backend)
@@ -224,6 +273,12 @@ def load_engine(settings: Settings, source: Source | None = None) -> Engine:
         runner = load_onnx_runner(model, weights_key(source, model), dtype, device, cache_dir() / "onnx", spin=False)
         info.update({k: v for k, v in runner.describe().items() if k != "backend"})
         return Engine(tokenizer, model, runner, settings, info, device=device, source=source)
+    if settings.backend == "openvino":
+        from serving.openvino_runner import load_openvino_runner
+
+        ov = load_openvino_runner(model, weights_key(source, model), dtype, tokenizer, cache_dir(), cpu_flags())
+        info.update({k: v for k, v in ov.describe().items() if k != "backend"})
+        return Engine(tokenizer, model, ov, settings, info, device=device, source=source)
     model = model.to(device=device, dtype=_DTYPES[dtype])  # type: ignore[call-arg]  # HF wraps .to
     packed = None
     if settings.packing != "off":

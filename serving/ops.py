@@ -46,25 +46,13 @@ def _multiprocess() -> bool:
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
-class Observability:
-    """Every metric of one app. Batch metrics exist on both servers, and stay empty on the naive one."""
+class EngineMetrics:
+    """The metrics of the model's side: passes, the queue, padding. The naive server keeps them in its
+    own registry; the batched server's engine process in one of its own, which its front ends fetch."""
 
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        # In multiprocess mode values live in files shared by all workers, not in a registry.
-        self.registry = None if _multiprocess() else CollectorRegistry()
-        r, ns = self.registry, "sentimentalyzer"
-        self.requests = Counter(
-            "requests", "HTTP requests by endpoint and status", ["endpoint", "status"], namespace=ns, registry=r
-        )
-        self.latency = Histogram(
-            "request_latency_seconds",
-            "HTTP request latency",
-            ["endpoint"],
-            namespace=ns,
-            registry=r,
-            buckets=_LATENCY_BUCKETS,
-        )
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        r, ns = registry, "sentimentalyzer"
+        self.registry = registry
         self.batch_size = Histogram(
             "batch_size",
             "items per forward pass",
@@ -101,14 +89,6 @@ class Observability:
             registry=r,
             buckets=_LATENCY_BUCKETS,
         )
-        self.admission_ratio = Histogram(
-            "admission_prediction_ratio",
-            "time to answer over what admission predicted on arrival, for requests admitted behind a "
-            "queue (REQUEST_TIMEOUT_MS); above 1: later than predicted",
-            namespace=ns,
-            registry=r,
-            buckets=ADMISSION_RATIO_BUCKETS,
-        )
         self.queue_depth = Gauge(
             "queue_depth", "items waiting for the model", namespace=ns, registry=r, multiprocess_mode="livesum"
         )
@@ -117,6 +97,50 @@ class Observability:
         self.dropped = Counter(
             "dropped", "items answered without compute, by reason", ["reason"], namespace=ns, registry=r
         )
+
+    def observe_pass(self, items: int, real_tokens: int, computed_tokens: int) -> None:
+        """One forward pass: its size and padding."""
+        self.batch_size.observe(items)
+        self.real_tokens.inc(real_tokens)
+        self.computed_tokens.inc(computed_tokens)
+
+    def exposition(self) -> bytes:
+        """This registry's text format, with padding efficiency (real / computed tokens)."""
+        assert self.registry is not None
+        return generate_latest(self.registry) + padding_efficiency(self.registry)
+
+
+HOP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+
+class Observability:
+    """Every metric of one app. With `engine_side` (the naive server) the engine's metrics live here
+    too; the batched server's front ends leave them to the engine process and add its text."""
+
+    def __init__(self, kind: str, engine_side: bool = True) -> None:
+        self.kind = kind
+        # In multiprocess mode values live in files shared by all workers, not in a registry.
+        self.registry = None if _multiprocess() else CollectorRegistry()
+        r, ns = self.registry, "sentimentalyzer"
+        self.requests = Counter(
+            "requests", "HTTP requests by endpoint and status", ["endpoint", "status"], namespace=ns, registry=r
+        )
+        self.latency = Histogram(
+            "request_latency_seconds",
+            "HTTP request latency",
+            ["endpoint"],
+            namespace=ns,
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.admission_ratio = Histogram(
+            "admission_prediction_ratio",
+            "time to answer over what admission predicted on arrival, for requests admitted behind a "
+            "queue (REQUEST_TIMEOUT_MS); above 1: later than predicted",
+            namespace=ns,
+            registry=r,
+            buckets=ADMISSION_RATIO_BUCKETS,
+        )
         self.ready = Gauge("ready", "1 while /ready answers 200", namespace=ns, registry=r, multiprocess_mode="livemin")
         self.ratelimit_fallbacks = Counter(
             "ratelimit_fallback",
@@ -124,15 +148,35 @@ class Observability:
             namespace=ns,
             registry=r,
         )
+        self.engine = EngineMetrics(r) if engine_side else None
+        if not engine_side:
+            self.engine_up = Gauge(
+                "engine_up",
+                "1 while the engine process answers its heartbeats and is warm (lowest over front ends)",
+                namespace=ns,
+                registry=r,
+                multiprocess_mode="livemin",
+            )
+            self.engine_restarts = Counter(
+                "engine_restarts", "engine processes started again after one died or stalled", namespace=ns, registry=r
+            )
+            self.engine_hop = Histogram(
+                "engine_hop_seconds",
+                "what crossing to the engine process and back added to a request: its time waiting on "
+                "the engine less the time the engine held it (encode, IPC, decode, both event loops)",
+                namespace=ns,
+                registry=r,
+                buckets=HOP_BUCKETS,
+            )
 
     def observe_pass(self, items: int, real_tokens: int, computed_tokens: int) -> None:
-        """One forward pass: its size and padding (both servers)."""
-        self.batch_size.observe(items)
-        self.real_tokens.inc(real_tokens)
-        self.computed_tokens.inc(computed_tokens)
+        """One forward pass, on the naive server (the batched server's engine observes its own)."""
+        if self.engine is not None:
+            self.engine.observe_pass(items, real_tokens, computed_tokens)
 
-    def exposition(self) -> tuple[bytes, str]:
-        """The text format for GET /metrics, with padding efficiency (real / computed tokens)."""
+    def exposition(self, engine_text: bytes = b"") -> tuple[bytes, str]:
+        """The text format for GET /metrics: this process's (or every worker's) metrics, padding
+        efficiency when the engine's are here, and `engine_text` (the engine process's own)."""
         if self.registry is None:
             forget_dead_workers(os.environ["PROMETHEUS_MULTIPROC_DIR"])
             registry = CollectorRegistry()
@@ -140,17 +184,22 @@ class Observability:
         else:
             registry = self.registry
         body = generate_latest(registry)
-        real, computed = (
-            _sample(registry, "sentimentalyzer_real_tokens_total"),
-            _sample(registry, "sentimentalyzer_computed_tokens_total"),
-        )
-        efficiency = real / computed if computed else 1.0
-        body += (
-            b"# HELP sentimentalyzer_padding_efficiency real tokens / computed tokens since start\n"
-            b"# TYPE sentimentalyzer_padding_efficiency gauge\n"
-            b"sentimentalyzer_padding_efficiency %.6f\n" % efficiency
-        )
-        return body, CONTENT_TYPE_LATEST
+        if self.engine is not None:
+            body += padding_efficiency(registry)
+        return body + engine_text, CONTENT_TYPE_LATEST
+
+
+def padding_efficiency(registry: CollectorRegistry) -> bytes:
+    real, computed = (
+        _sample(registry, "sentimentalyzer_real_tokens_total"),
+        _sample(registry, "sentimentalyzer_computed_tokens_total"),
+    )
+    efficiency = real / computed if computed else 1.0
+    return (
+        b"# HELP sentimentalyzer_padding_efficiency real tokens / computed tokens since start\n"
+        b"# TYPE sentimentalyzer_padding_efficiency gauge\n"
+        b"sentimentalyzer_padding_efficiency %.6f\n" % efficiency
+    )
 
 
 def forget_dead_workers(path: str) -> None:
@@ -180,8 +229,11 @@ def _sample(registry: CollectorRegistry, name: str) -> float:
     return float(registry.get_sample_value(name) or 0.0)
 
 
-def configure_logging(settings: Settings) -> None:
-    """One handler on stderr for our loggers; the request ID goes on every line."""
+def configure_logging(settings: Settings, *, everything: bool = False) -> None:
+    """One handler on stderr for our loggers; the request ID goes on every line.
+
+    everything=True (the engine process, which runs no uvicorn) routes the root logger and Python
+    warnings through it too, so a library's line cannot break a JSON log pipeline."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_RequestIdFilter())
     handler.setFormatter(
@@ -199,6 +251,9 @@ def configure_logging(settings: Settings) -> None:
         uvicorn_log.handlers[:] = [handler]
         uvicorn_log.propagate = False
     logging.getLogger("uvicorn.access").disabled = True  # our access line replaces uvicorn's
+    if everything:
+        logging.getLogger().handlers[:] = [handler]
+        logging.captureWarnings(True)
 
 
 class _RequestIdFilter(logging.Filter):

@@ -20,7 +20,7 @@ from typing import Any
 DEFAULT_MODEL_ID = "distilbert-base-uncased-finetuned-sst-2-english"
 NAIVE_MODES = ("threadpool", "blocking", "on-demand")
 DTYPES = ("auto", "fp32", "fp16", "bf16", "int8")
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("torch", "onnx", "openvino", "auto")
 PACKINGS = ("auto", "off")
 BATCH_POLICIES = ("cost", "tokens", "pad")
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
@@ -55,6 +55,12 @@ class Settings:
     rate_limit: str | None = None
     redis_url: str | None = field(default=None, repr=False)
     log_format: str = "text"
+    # The batched server's engine process (README "Configuration"; not in the spec's table).
+    engine_socket: str = ""  # its IPC socket path; "" = one per server (all its workers share it)
+    engine_threads: int = 0  # the model's intra-op threads; 0 = chosen per engine from the core count
+    engine_cpus: str = ""  # the cores it runs on, e.g. "1-3" or "0,2"; "" = chosen with the threads
+    engine_stall_s: float = 120.0  # a pass computing longer than this is a stalled engine: restarted
+    engine_factory: str = ""  # "module:function(settings, source) -> Engine"; "" = serving.model.load_engine
 
     def __post_init__(self) -> None:
         _check(bool(self.model_id.strip()), "MODEL_ID", "must not be empty")
@@ -84,6 +90,17 @@ class Settings:
         _check(
             self.max_batch_tokens >= 0, "MAX_BATCH_TOKENS", f"must be >= 0 (0: calibrated), got {self.max_batch_tokens}"
         )
+        _check(self.engine_threads >= 0, "ENGINE_THREADS", f"must be >= 0 (0: auto), got {self.engine_threads}")
+        _check(self.engine_stall_s > 0, "ENGINE_STALL_S", f"must be > 0, got {self.engine_stall_s}")
+        _check(
+            not self.engine_factory or re.fullmatch(r"[\w.]+:\w+", self.engine_factory) is not None,
+            "ENGINE_FACTORY",
+            f"must look like package.module:function, got {self.engine_factory!r}",
+        )
+        try:
+            parse_cpus(self.engine_cpus)
+        except ValueError as exc:
+            raise SettingsError(f"ENGINE_CPUS: {exc}") from None
         _check(self.max_wait_ms >= 0, "MAX_WAIT_MS", f"must be >= 0, got {self.max_wait_ms}")
         _check(self.request_timeout_ms > 0, "REQUEST_TIMEOUT_MS", f"must be > 0, got {self.request_timeout_ms}")
         _check(all(k.strip() for k in self.api_keys), "API_KEYS", "must not contain empty keys")
@@ -124,6 +141,17 @@ class Settings:
                 continue
             kwargs[f.name] = _parse(f.name.upper(), f.type, raw.strip())
         return cls(**kwargs)  # type: ignore[arg-type]
+
+
+def parse_cpus(spec: str) -> tuple[int, ...]:
+    """A CPU list as Linux writes it ("0-2,5") as sorted core numbers; "" is ()."""
+    cpus: set[int] = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        first, dash, last = part.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()) or int(last or first) < int(first):
+            raise ValueError(f"cannot read {part!r} as a core or a range of cores like 1-3")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return tuple(sorted(cpus))
 
 
 def _parse(name: str, type_: object, raw: str) -> object:

@@ -319,7 +319,7 @@ def test_dashboard_queries_and_rules_return_data_under_load(cluster: Cluster) ->
     # texts. Computing is the limit (about 10-25 requests/s here, under RATE_LIMIT's 50/s), so about
     # half of the items in flight wait in the queues, whatever the machine's speed.
     load = locust(cluster, "load", 12, 0, seconds, "--tags", "predict", "batch", "--batch-texts", "16")
-    started, series, panels, per_pod = time.monotonic(), [], {}, {}
+    started, series, panels, per_pod, refused = time.monotonic(), [], {}, {}, 0
     # clients that reach b directly, as kube-proxy spreads them (nginx benches a replica that refuses)
     direct = httpx.Client(base_url=cluster.url("b"), headers={"X-API-Key": DIRECT_KEY}, timeout=10)
     full = {"texts": ["I loved it"] * Settings.from_env(cluster.env).max_batch_items}
@@ -328,8 +328,11 @@ def test_dashboard_queries_and_rules_return_data_under_load(cluster: Cluster) ->
             series.append((round(time.monotonic() - started, 1), cluster.scalar(autoscaling)))
             recorded = cluster.query("sentimentalyzer:queue_depth:avg1m")  # the same, per pod
             per_pod = {r["metric"]["pod"]: float(r["value"][1]) for r in recorded} if recorded else per_pod
-            # 10 a second: over 5 % of all answers even where the load runs at 60 requests/s (AVX-512)
-            assert {direct.post("/predict/batch", json=full).status_code for _ in range(10)} == {503}
+            # about a tenth of all answers, at least 10 a second, whatever the load's rate on this CPU
+            # (60 requests/s on AVX-512, over 200 with bf16 on AMX): twice the alert's 5 %
+            n = refusals_due(cluster, refused)
+            assert {direct.post("/predict/batch", json=full).status_code for _ in range(n)} == {503}
+            refused += n
             if not panels and time.monotonic() - started > seconds * 0.7:
                 panels = {(title, expr): cluster.query(expr) for title, expr in dashboard_queries()}
             time.sleep(1)
@@ -362,6 +365,15 @@ def test_dashboard_queries_and_rules_return_data_under_load(cluster: Cluster) ->
         f"{pods} pods); per pod at the end { ({k: round(v, 1) for k, v in per_pod.items()}) }"
     )
     assert peak / pods > threshold, f"queue per pod never passed the target {threshold}: {series}"
+
+
+def refusals_due(cluster: Cluster, refused: int, share: float = 0.1) -> int:
+    """How many refused requests bring b's refusals to `share` of every prediction answered so far."""
+    answered = cluster.scalar(
+        'sum(sentimentalyzer_requests_total{job="sentimentalyzer",endpoint=~"/predict|/predict/batch"})'
+    )
+    due = (share * (0 if math.isnan(answered) else answered) - refused) / (1 - share)
+    return min(max(10, math.ceil(due)), 200)  # the cap bounds one tick's work if a scrape jumps
 
 
 def one_limit(cluster: Cluster) -> tuple[int, int]:

@@ -3,16 +3,20 @@
     pytest tests/test_deploy.py -q
 
 No Docker engine runs here, so images are neither built nor started: the compose file is checked as
-YAML (and with `docker compose config` or `docker-compose config` when a client is installed), and
-nginx.conf is run for real by tests/test_scaleout.py.
+YAML (and with `docker compose config` or `docker-compose config` when a client is installed), the
+Dockerfile as text against the code it copies and the settings it sets, and nginx.conf is run for real
+by tests/test_scaleout.py.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shutil
 import subprocess
+import sys
+from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
@@ -21,9 +25,11 @@ import yaml
 import batched_server
 from serving.settings import Settings
 from tests.conftest import serving
+from tests.test_k8s import dockerfile_cmd, dockerfile_env, duration_s, graceful_shutdown_s
 from tests.test_ops import metric_names
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "sentimentalyzer.json"
 REPLICAS = {"api1", "api2"}
 
@@ -52,6 +58,8 @@ async def test_dashboard_queries_only_metrics_the_servers_export(settings: Setti
         "computed_tokens_total",
         "dropped_total",
         "ready",
+        "engine_up",
+        "engine_restarts_total",
     ):
         assert f"sentimentalyzer_{needed}" in used, needed
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
@@ -91,6 +99,70 @@ def test_compose_wires_redis_health_and_mounted_files() -> None:
     provisioned = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/sentimentalyzer.yml").read_text())
     mounted = services["grafana"]["volumes"]
     assert f"./grafana/dashboards:{provisioned['providers'][0]['options']['path']}:ro" in mounted
+
+
+def compose_value(value: object) -> str:
+    """A compose environment value as the stack gets it with nothing exported: ${VAR:-default} is default."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value))
+
+
+def test_replicas_run_valid_engine_settings_on_a_fresh_tmp() -> None:
+    services = compose()["services"]
+    image = dockerfile_env()
+    known = {name.upper() for name in Settings.__dataclass_fields__}
+    for name in REPLICAS:
+        service = services[name]
+        env = {key: compose_value(value) for key, value in service["environment"].items()}
+        assert set(env) - known <= set(image), "neither a setting nor read by the image's CMD"
+        settings = Settings.from_env({**image, **env})  # ENGINE_* included: a bad value names its variable
+        assert not settings.engine_factory  # tests only: the image has no tests/ to load it from
+        assert "ENGINE_CPUS" not in env  # core numbers are the host's: give a replica cores with cpuset
+        assert settings.engine_stall_s > settings.request_timeout_s  # a slow pass is not a stalled one
+        # the engine's socket (and its lock beside it) and the metrics files start afresh with the container
+        for path in (settings.engine_socket, image["PROMETHEUS_MULTIPROC_DIR"]):
+            assert any(path.startswith(mount.rstrip("/") + "/") for mount in service["tmpfs"]), path
+        # with WORKERS > 1 an engine orphaned by its dead worker goes to PID 1, which must reap it
+        assert service["init"] is True
+        # docker stop waits for uvicorn's drain (the engine drains behind it) before it kills
+        assert duration_s(service["stop_grace_period"]) >= graceful_shutdown_s() + 5
+
+
+def distribution(requirement: str) -> str:
+    name = re.match(r"[A-Za-z0-9._-]+", requirement)
+    assert name, requirement
+    return re.sub(r"[-_.]+", "-", name.group(0)).lower()
+
+
+def test_the_image_holds_the_serving_code_and_everything_it_imports() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    copied = [source for line in re.findall(r"^COPY (.+)$", text, re.M) for source in line.split()[:-1]]
+    assert copied == ["requirements.txt", "naive_server.py", "batched_server.py", "batcher.py", "serving/"]
+    allowed = [line[1:] for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines() if line[:1] == "!"]
+    assert sorted(allowed) == sorted(copied)  # the build context holds nothing else (no harness/, no tests/)
+    # the engine process runs from the copied tree: `python -m serving.engine_core`
+    assert (ROOT / "serving" / "engine_core.py").is_file()
+    modules: set[str] = set()
+    for path in [ROOT / c for c in copied[1:-1]] + sorted((ROOT / "serving").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    local = {"serving", "batcher", "batched_server", "naive_server"}
+    assert modules & {"harness", "tests", "locust"} == set()  # nothing the image leaves out
+    required = {
+        distribution(line)
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    }
+    installed = packages_distributions()
+    for module in sorted(modules - local - set(sys.stdlib_module_names)):
+        provided_by = {distribution(d) for d in installed.get(module, [module])}
+        assert provided_by & required, f"{module}: not in requirements.txt"
+    assert {"pyzmq", "msgspec"} <= required  # the front ends' and the engine's socket and frames
+    assert re.search(r"\bexec uvicorn ", dockerfile_cmd()) and "uvicorn" in required
+    # the front ends' metrics files of a previous run are gone before the first worker starts
+    assert dockerfile_cmd().index('rm -rf "$PROMETHEUS_MULTIPROC_DIR"') < dockerfile_cmd().index("exec uvicorn")
 
 
 def compose_client() -> list[str] | None:

@@ -2,12 +2,14 @@
 
     .venv/bin/python -m pytest tests/test_harness.py -q     # a few seconds: no servers, no model
 
-Covers harness/bench.py (Locust CSV rows, /metrics deltas, ratios, summary.csv cells, configurations),
-harness/report.py (the summary.md table, ratio, loss and scaling lines), harness/one_user.py (paired
-rounds against the goals), harness/overload.py
-(percentiles, summaries, soak windows, verdicts) and harness/references.py (corpus, length batches,
-machine info). Every expected value below is worked out by hand from the small inputs beside it.
-The percentile boundary, soak window and corpus line tests found bugs (fixed in the same change).
+Covers harness/bench.py (Locust CSV rows, /metrics deltas, ratios, summary.csv cells, configurations,
+rows run again until they hold enough answers), harness/wrk.py (the Lua script, wrk's done() line, its
+columns; one test runs the real wrk, a second or two, against a stdlib server), harness/report.py (the
+summary.md table, ratio, loss and scaling lines, rows with too few answers, wrk beside Locust),
+harness/one_user.py (paired rounds against the goals), harness/overload.py (percentiles, summaries,
+soak windows, verdicts) and harness/references.py (corpus, length batches, machine info). Every
+expected value below is worked out by hand from the small inputs beside it. The percentile boundary,
+soak window and corpus line tests found bugs (fixed in the same change).
 """
 
 from __future__ import annotations
@@ -16,14 +18,18 @@ import argparse
 import asyncio
 import copy
 import csv
+import http.server
+import json
+import shutil
 import socket
 import struct
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from harness import bench, one_user, overload, references, report
+from harness import bench, one_user, overload, references, report, wrk
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -274,9 +280,16 @@ def test_summary_round_trip_through_report(tmp_path):
     stats = bench.read_locust_stats(prefix)
     delta = bench.metrics_delta({}, {COUNT: 10, SUM: 75, REAL: 600, COMPUTED: 700})
     ready = {"model_source": "stand-in", "batching": {"max_batch_size": 64, "batch_policy": "length"}}
+    wrk_result = {"requests": 600, "duration_us": 10_000_000, "errors": {"status": 60, "timeout": 2}}
+    wrk_result["latency_ms"] = {"p50": 80.5, "p95": 120.0, "p99": 150.25}
     rows = [
         bench.summary_row(cfg("http-ceiling", "reference"), 32, {**stats, "requests_per_s": 900.0}, {}, {}, False),
-        bench.summary_row(cfg(), 8, stats, delta, ready, True),
+        {
+            **bench.summary_row(cfg(), 8, stats, delta, ready, True),
+            "duration_s": 10.0,
+            "too_few_answers": False,
+            **wrk.columns(wrk_result),
+        },
     ]
     bench.write_summary(tmp_path / "summary.csv", bench.add_ratios(rows, 120.0))
     with open(tmp_path / "summary.csv", newline="") as f:
@@ -293,6 +306,8 @@ def test_summary_round_trip_through_report(tmp_path):
         "p99_ms": 1900.0,
         "requests": 400.0,
         "failures": 100.0,
+        "duration_s": 10.0,
+        "too_few_answers": False,
         "avg_batch_size": 7.5,
         "padding_efficiency": 0.857143,  # 600/700 at 6 digits
         "rps_over_model_limit": 0.25,
@@ -301,6 +316,12 @@ def test_summary_round_trip_through_report(tmp_path):
         "batch_policy": "length",
         "model_source": "stand-in",
         "locust_cpu_warning": True,
+        "wrk_requests_per_s": 54.0,  # (600 - 60 non-2xx) / 10 s
+        "wrk_p50_ms": 80.5,
+        "wrk_p95_ms": 120.0,
+        "wrk_p99_ms": 150.25,
+        "wrk_requests": 540.0,
+        "wrk_errors": 62.0,  # 60 status + 2 timeouts
     }
 
 
@@ -309,7 +330,18 @@ def test_summary_round_trip_through_report(tmp_path):
 
 def namespace(profile: str = "cpu", **kw: Any) -> argparse.Namespace:
     return argparse.Namespace(
-        **{"profile_name": profile, "users": None, "duration": None, "peers": False, "ops": False, "only": None, **kw}
+        **{
+            "profile_name": profile,
+            "users": None,
+            "duration": None,
+            "peers": False,
+            "ops": False,
+            "only": None,
+            "min_answers": None,
+            "max_duration_s": None,
+            "wrk_users": None,
+            **kw,
+        }
     )
 
 
@@ -365,6 +397,161 @@ def test_select_users_and_duration_override():
 def test_select_unknown_name_exits():
     with pytest.raises(SystemExit, match="unknown configuration nope"):
         bench.select(namespace(only="batched,nope"))
+
+
+# --------------------------------------------------------------- bench: enough answers in every row
+
+
+@pytest.mark.parametrize(
+    "seconds, got, min_answers, max_s, expected",
+    [
+        (15, 150, 200, 120, 30),  # 150 in 15 s projects 300 in 30 s: one doubling
+        (15, 75, 200, 120, 60),  # 75 in 15 s: 200 takes 40 s, 50 with the margin: 30 is short, 60 is not
+        (10, 95, 200, 120, 40),  # 21 s needed, 26.3 with the margin: past 20
+        (15, 0, 200, 120, 120),  # nothing answered: no rate to project, straight to the cap
+        (80, 10, 200, 120, 120),  # twice 80 is past the cap: the cap
+        (5, 60, 100, 10, 10),  # the --quick preset's cap
+        (15, 199, 200, 120, 30),  # one short: still a doubling, never less
+    ],
+)
+def test_longer(seconds, got, min_answers, max_s, expected):
+    assert bench.longer(seconds, got, min_answers, max_s) == expected
+
+
+class FakeRows:
+    """A row runner whose server answers `rate` requests/s (or the counts given, one per call) and fails
+    `failures`; remembers the durations it was asked for."""
+
+    def __init__(self, rate: float = 0.0, counts: tuple[float, ...] = (), failures: float = 0.0) -> None:
+        self.rate, self.counts, self.failures = rate, list(counts), failures
+        self.calls: list[float] = []
+
+    def __call__(self, seconds: float) -> dict[str, Any]:
+        self.calls.append(seconds)
+        answered = self.counts.pop(0) if self.counts else self.rate * seconds
+        total = answered + self.failures
+        return {
+            "configuration": "naive-on-demand",
+            "users": 2,
+            "requests": total,
+            "failures": self.failures,
+            "requests_per_s": answered / seconds,
+        }
+
+
+@pytest.mark.parametrize(
+    "runner, first_s, calls, too_few",
+    [
+        (FakeRows(rate=20.0), 15, [15], False),  # 300 at once: one run
+        (FakeRows(rate=5.0), 15, [15, 60], False),  # 75, then 300
+        (FakeRows(counts=(150, 190, 250)), 15, [15, 30, 60], False),  # doubling twice
+        (FakeRows(rate=1.0), 15, [15, 120], True),  # 15 projects 250 s: the cap, 120 answers, flagged
+        (FakeRows(counts=(0, 0)), 15, [15, 120], True),  # nothing completed: the cap, still nothing
+        (FakeRows(rate=0.0, failures=40.0), 15, [15], True),  # failing, not slow: no longer run
+        (FakeRows(rate=1.0), 150, [150], True),  # a row planned past the cap runs once
+        (FakeRows(counts=(100, 200)), 15, [15, 60], False),  # exactly enough (200 in 60 s)
+    ],
+)
+def test_enough_answers(runner, first_s, calls, too_few):
+    said: list[str] = []
+    row = bench.enough_answers(runner, first_s, 200, 120, say=said.append)
+    assert runner.calls == calls
+    assert row["duration_s"] == calls[-1] and row["too_few_answers"] is too_few
+    assert len(said) == len(calls) - 1  # one line each time it ran again
+
+
+def test_enough_answers_keeps_the_last_run_and_says_why():
+    said: list[str] = []
+    row = bench.enough_answers(FakeRows(counts=(75, 310)), 15, 200, 120, say=said.append)
+    assert row == {
+        "configuration": "naive-on-demand",
+        "users": 2,
+        "requests": 310,
+        "failures": 0.0,
+        "requests_per_s": 310 / 60,  # the 60 s run's figures, not the 15 s run's
+        "duration_s": 60,
+        "too_few_answers": False,
+    }
+    assert said == ["  naive-on-demand u=2: 75 answers in 15 s, fewer than 200: again for 60 s"]
+
+
+def test_enough_answers_counts_successes_only():
+    # 300 requests, 250 of them failures: 50 answers, too few; the rate comes from the answers
+    row = bench.enough_answers(FakeRows(rate=50 / 15, failures=250.0), 15, 200, 120, say=lambda _: None)
+    assert row["duration_s"] == 120 and row["too_few_answers"] is False  # 400 answers in 120 s
+
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        (bench.Config("batched", "batched", "batched_server:app", (32,), 15), {}),
+        (bench.Config("http-ceiling", "reference", "harness.bench:ceiling_app", (32,), 15), {}),
+        (
+            bench.Config("batched-ops-on-1", "ops", "batched_server:app", (32,), 15, locust_args=("--api-key", "k1")),
+            {"Authorization": "Bearer k1"},
+        ),
+        # open loop: wrk can not pace its connections; a peer speaks its own protocol
+        (bench.Config("open", "policy", "b:app", (32,), 15, locust_args=("--target-rps-per-user", "2")), None),
+        (bench.Config("triton", "peer", "harness.peers.triton", (32,), 15), None),
+    ],
+)
+def test_wrk_headers(config, expected):
+    assert bench.wrk_headers(config) == expected
+
+
+def test_profiles_answers_and_wrk_settings():
+    cpu, quick, gpu = (bench.PROFILES[k] for k in ("cpu", "quick", "gpu"))
+    assert (cpu.min_answers, cpu.max_duration_s, cpu.wrk_users) == (200, 120.0, 32)
+    assert (gpu.min_answers, gpu.max_duration_s, gpu.wrk_users) == (200, 120.0, 32)
+    assert gpu.wrk_users in gpu.users and cpu.wrk_users in cpu.users  # the 32 of each sweep
+    # the smoke test lowers the bar (its summary says so) and runs wrk at its only user count
+    assert (quick.min_answers, quick.max_duration_s, quick.wrk_users) == (100, 10.0, 8)
+    assert quick.wrk_users in quick.users
+
+
+def test_select_answers_and_wrk_overrides():
+    p, _ = bench.select(namespace(profile="quick", min_answers=300, max_duration_s=60.0, wrk_users=0))
+    assert (p.min_answers, p.max_duration_s, p.wrk_users) == (300, 60.0, 0)
+    p, _ = bench.select(namespace(profile="quick"))
+    assert (p.min_answers, p.max_duration_s, p.wrk_users) == (100, 10.0, 8)
+
+
+def test_parse_args_answers_and_wrk_flags():
+    corpus = str(references.ROOT / "data" / "reviews.txt")
+    a = bench.parse_args(["--corpus", corpus, "--min-answers", "200", "--max-duration-s", "120", "--wrk-users", "32"])
+    assert (a.min_answers, a.max_duration_s, a.wrk_users) == (200, 120.0, 32)
+    a = bench.parse_args(["--corpus", corpus])
+    assert (a.min_answers, a.max_duration_s, a.wrk_users) == (None, None, None)  # the profile decides
+    for bad in (["--min-answers", "-1"], ["--max-duration-s", "0"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--corpus", corpus, *bad])
+
+
+def test_point_cost_counts_wrk_at_its_user_count():
+    p, batched = bench.PROFILES["cpu"], bench.Config("batched", "batched", "batched_server:app", (8, 32), 15)
+    peer = bench.Config("triton", "peer", "harness.peers.triton", (32,), 15)
+    assert bench.point_cost(batched, p, 8) == 3 + 15 + 4
+    assert bench.point_cost(batched, p, 32) == 3 + 15 + 4 + 15 + 3  # wrk runs as long as Locust did
+    assert bench.point_cost(peer, p, 32) == 3 + 15 + 4
+
+
+def test_describe_flags_too_few_answers_and_shows_wrk():
+    r = {"configuration": "batched", "users": 32, "requests": 60.0, "failures": 3.0, "requests_per_s": 0.5}
+    r.update(p50_ms=900.0, p99_ms=2000.0, duration_s=120, too_few_answers=True)
+    assert bench.describe(r).endswith("3 failures -- TOO FEW ANSWERS (57 in 120 s)")
+    r.update(too_few_answers=False, wrk_requests_per_s=61.25, wrk_p99_ms=800.4)
+    assert bench.describe(r).endswith("3 failures; wrk 61.2 req/s, p99 800 ms")
+
+
+def test_add_ratios_ignores_rows_with_too_few_answers():
+    rows = [
+        {"configuration": "http-ceiling", "group": "reference", "requests_per_s": 9000.0, "too_few_answers": True},
+        {"configuration": "http-ceiling", "group": "reference", "requests_per_s": 1000.0},
+        {"configuration": "batched", "group": "batched", "requests_per_s": 100.0},
+        {"configuration": "naive-on-demand", "group": "naive", "requests_per_s": 1.0, "too_few_answers": True},
+    ]
+    got = [(r["rps_over_model_limit"], r["rps_over_http_ceiling"]) for r in bench.add_ratios(rows, 200.0)]
+    assert got == [(None, None), (None, None), (0.5, 0.1), (None, None)]  # 100 over 1000, not over 9000
 
 
 # ---------------------------------------------------------------------------- report: summary.md
@@ -559,6 +746,161 @@ def test_markdown_without_ceiling_or_limit():
     assert "- HTTP ceiling: not measured in this run" in md.splitlines()
     assert "- model limit: not measured in this run (see logs/model_limit.log)" in md.splitlines()
     assert "load average" not in md
+
+
+# ------------------------------------------------------------- report: too few answers, wrk beside
+
+
+def thin_rows() -> list[dict[str, Any]]:
+    """report_rows plus rows that stayed short of the run's 200 answers at the 120 s cap."""
+    short = {"too_few_answers": True, "duration_s": 120.0, "p50_ms": 9876.0, "p95_ms": 9543.0, "p99_ms": 9321.0}
+    return [
+        *report_rows(),
+        row("naive-on-demand", "naive", 2, 3.21, requests=150.0, failures=6.0, **short),
+        # were they results, batched would lose to naive-threadpool at 32 users: neither may be compared
+        row("naive-threadpool", "naive", 32, 99.9, requests=120.0, **short),
+        row("batched", "batched", 32, 6.54, requests=60.0, **short),
+    ]
+
+
+THIN_ENV = {**ENV, "answers": {"min_answers": 200, "max_duration_s": 120.0, "standard": 200, "set_by": "x"}}
+
+
+def test_table_lists_a_row_with_too_few_answers_without_figures():
+    lines = report.table(thin_rows())
+    assert len(lines) == 2 + len(thin_rows())
+    assert lines[-3] == "| naive-on-demand | 2 | too few answers (144 in 120 s) |  |  |  | 6 |  |  |  |  |"
+    assert lines[-1] == "| batched | 32 | too few answers (60 in 120 s) |  |  |  | 0 |  |  |  |  |"
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+
+
+def test_markdown_quotes_no_figure_of_a_row_with_too_few_answers():
+    md = report.markdown(thin_rows(), THIN_ENV)
+    for figure in ("3.2", "99.9", "6.5", "9,876", "9876", "9,543", "9,321"):
+        assert figure not in md  # not in a table, a ratio, a loss, a scaling line
+    assert "| naive-on-demand | 2 | too few answers (144 in 120 s) |" in md
+    assert (
+        "- Fewer than 200 answers even at the longest run, so no result: naive-on-demand u=2: too few answers "
+        "(144 in 120 s); naive-threadpool u=32: too few answers (120 in 120 s); batched u=32: too few answers "
+        "(60 in 120 s). Their figures stay in summary.csv (too_few_answers True) and nowhere above."
+    ) in md.splitlines()
+
+    # between the table and the caveats the report is what it is without them
+    def middle(text: str) -> str:
+        return text.split("## Batched versus naive")[1].split("## Caveats")[0]
+
+    assert middle(md) == middle(report.markdown(report_rows(), THIN_ENV))
+
+
+def test_markdown_a_ceiling_with_too_few_answers_is_no_ceiling():
+    rows = [row("http-ceiling", "reference", 32, 900.0, requests=150.0, too_few_answers=True, duration_s=120.0)]
+    assert "- HTTP ceiling: not measured in this run" in report.markdown(rows, THIN_ENV).splitlines()
+
+
+@pytest.mark.parametrize(
+    "answers, expected",
+    [
+        (None, []),  # a run from before the rule
+        (
+            {"min_answers": 200, "max_duration_s": 120.0, "standard": 200, "set_by": "the cpu profile"},
+            [
+                "- every result holds at least 200 answers (successful responses): a row with fewer ran again for "
+                "longer, up to 120 s; one still short is listed as too few answers, with no figure quoted"
+            ],
+        ),
+        (
+            {"min_answers": 100, "max_duration_s": 10.0, "standard": 200, "set_by": "the quick profile"},
+            [
+                "- every result holds at least 100 answers (successful responses): a row with fewer ran again for "
+                "longer, up to 10 s; one still short is listed as too few answers, with no figure quoted. 100 is "
+                "below the standard 200, set by the quick profile: a smoke test, not a measurement"
+            ],
+        ),
+    ],
+)
+def test_answers_rule_in_the_header(answers, expected):
+    env = {**ENV, "answers": answers}
+    assert report.answers_rule(env) == expected
+    assert all(line in report.markdown(report_rows(), env).splitlines() for line in expected)
+
+
+WRK_HEAD = [
+    "## Locust beside wrk (32 users, POST /predict, closed loop)",
+    "",
+    "| configuration | Locust req/s | wrk req/s | wrk / Locust | Locust p50 ms | wrk p50 ms | Locust p99 ms "
+    "| wrk p99 ms | wrk errors |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+]
+
+
+def wrk_row(name: str, rps: float, wrk_rps: float | None, wrk_requests: float | None, **kw: Any) -> dict[str, Any]:
+    r = row(name, "batched", 32, rps, p50_ms=50.0, p99_ms=120.0, requests=900.0, duration_s=15.0)
+    r.update(wrk_requests_per_s=wrk_rps, wrk_requests=wrk_requests, wrk_p50_ms=30.0, wrk_p99_ms=95.6, wrk_errors=2.0)
+    return {**r, **kw}
+
+
+@pytest.mark.parametrize(
+    "rows, wrk_env, expected",
+    [
+        ([wrk_row("batched", 60.0, 90.0, 1800.0)], None, []),  # a run from before wrk
+        ([wrk_row("batched", 60.0, 90.0, 1800.0)], {"users": 0, "version": "wrk 4.1.0"}, []),  # --wrk-users 0
+        (
+            [wrk_row("batched", 60.0, None, None)],
+            {"users": 32, "version": None},
+            [*WRK_HEAD[:2], "wrk not installed: no wrk figures in this run.", ""],
+        ),
+        (
+            [
+                wrk_row("batched", 60.0, 90.0, 1800.0),
+                wrk_row("batched", 20.0, 40.0, 800.0, users=8),  # not wrk's user count
+                wrk_row("litserve", 10.0, None, None, group="peer"),  # wrk does not speak a peer's protocol
+                wrk_row("batched-b1", 30.0, None, None, wrk_errors=None),  # wrk failed
+                wrk_row("batched-pad", 5.0, 4.0, 150.0),  # wrk's answers short of the run's minimum
+                wrk_row("naive-blocking", 1.0, 80.0, 1600.0, too_few_answers=True, requests=120.0, duration_s=120.0),
+            ],
+            {"users": 32, "version": "wrk 4.1.0 [epoll]"},
+            [
+                *WRK_HEAD,
+                "| batched | 60.0 | 90.0 | 1.50 | 50 | 30 | 120 | 96 | 2 |",
+                "| batched-b1 | 30.0 | no wrk result |  | 50 |  | 120 |  |  |",
+                "| batched-pad | 5.0 | too few answers (150 in 15 s) |  | 50 |  | 120 |  | 2 |",
+                "| naive-blocking | too few answers (120 in 120 s) | 80.0 |  |  | 30 |  | 96 | 2 |",
+                "",
+            ],
+        ),
+        (
+            [wrk_row("batched", 20.0, 40.0, 800.0, users=8)],
+            {"users": 32, "version": "wrk 4.1.0"},
+            [*WRK_HEAD[:2], "No row at 32 users in this run.", ""],
+        ),
+    ],
+)
+def test_wrk_section(rows, wrk_env, expected):
+    env = {**THIN_ENV, "wrk": wrk_env}
+    assert report.wrk_section(rows, env) == expected
+    md = report.markdown(rows, env).splitlines()
+    assert all(line in md for line in expected if line)
+
+
+def test_report_main_on_a_run_with_too_few_answers(tmp_path):
+    """bench's summary.csv and environment.json of a run with a short row -> summary.md and plots without it."""
+    ready = {"model_source": "stand-in", "batching": {"max_batch_size": 64, "batch_policy": "length"}}
+    stats = {"requests": 900.0, "failures": 0.0, "requests_per_s": 60.0, "p50_ms": 50.0, "p95_ms": 90.0}
+    rows = [
+        {**bench.summary_row(cfg(), 32, {**stats, "p99_ms": 120.0}, {}, ready, False), "duration_s": 15.0},
+        {**bench.summary_row(cfg("naive-threadpool", "naive"), 32, {**stats, "requests": 150.0}, {}, {}, False)},
+    ]
+    done = {"requests": 1500, "duration_us": 15e6, "errors": {}, "latency_ms": {"p50": 20, "p95": 30, "p99": 40}}
+    rows[0].update(too_few_answers=False, **wrk.columns(done))
+    rows[1].update(duration_s=120.0, too_few_answers=True, **wrk.columns(None))
+    bench.write_summary(tmp_path / "summary.csv", bench.add_ratios(rows, 100.0))
+    env = {**THIN_ENV, "wrk": {"users": 32, "version": "wrk 4.1.0"}, "servers": {}, "load_average_at_start": 0.0}
+    (tmp_path / "environment.json").write_text(json.dumps(env))
+    assert report.main([str(tmp_path)]) == 0
+    md = (tmp_path / "summary.md").read_text()
+    assert "| naive-threadpool | 32 | too few answers (150 in 120 s) |" in md
+    assert "| batched | 60.0 | 100.0 |" in md  # 1500 answers over 15 s beside Locust's 60.0
+    assert (tmp_path / "throughput_vs_users.png").stat().st_size > 0
 
 
 # ------------------------------------------------------------------------------ overload: pct, ms
@@ -1126,3 +1468,209 @@ def test_one_user_compare_takes_medians_over_rounds_against_the_goals():
     assert list(c["verdicts"].values()) == [True, True]
     rounds[0]["batched"] = {"rps": 97.0, "p50_ms": 11.1}  # now the median round is 0.97x, +1.1 ms
     assert list(one_user.compare(rounds)["verdicts"].values()) == [False, False]
+
+
+# ------------------------------------------------------------------------------- wrk: script, output
+
+WRK_OUTPUT = """Running 15s test @ http://127.0.0.1:8001/predict
+  1 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   520.11ms  102.52ms   1.21s    70.02%
+  Latency Distribution
+     50%  510.00ms
+     99%  900.00ms
+  912 requests in 15.02s, 120.33KB read
+  Non-2xx or 3xx responses: 12
+Requests/sec:     60.72
+{"requests": 912, "duration_us": 15020000, "errors": {"status": 12, "connect": 0, "read": 1, "write": 0, \
+"timeout": 3}, "latency_ms": {"p50": 510.000, "p95": 780.500, "p99": 900.000}}
+"""
+
+
+@pytest.mark.parametrize(
+    "text, literal",
+    [
+        ("plain text", '"plain text"'),
+        ('say "hi"', '"say \\"hi\\""'),  # a quote would end the Lua string
+        ("back\\slash", '"back\\\\slash"'),
+        ("line\nbreak\ttab", '"line\\010break\\009tab"'),  # a raw newline is a syntax error in Lua
+        ("café", '"caf\\195\\169"'),  # UTF-8 bytes, as decimal escapes
+        ("]]==]] -- [[", '"]]==]] -- [["'),  # long-bracket and comment markers mean nothing in a "..." string
+        ("", '""'),
+    ],
+)
+def test_lua_string(text, literal):
+    assert wrk.lua_string(text) == literal
+
+
+def lua_unquote(literal: str) -> str:
+    """The inverse of wrk.lua_string, as Lua reads a double-quoted literal with these escapes."""
+    assert literal[0] == literal[-1] == '"'
+    out, body, i = bytearray(), literal[1:-1], 0
+    while i < len(body):
+        if body[i] == "\\" and body[i + 1].isdigit():
+            out.append(int(body[i + 1 : i + 4]))
+            i += 4
+        elif body[i] == "\\":
+            out += body[i + 1].encode()
+            i += 2
+        else:
+            assert body[i] != '"', "an unescaped quote ends the string early"
+            out += body[i].encode()
+            i += 1
+    return out.decode("utf-8")
+
+
+def test_lua_script_bodies_are_the_corpus_as_json():
+    texts = ['a "quoted" review', "back\\slash \\n not a newline", "naïve 😀", "two\nlines", "}, {"]
+    script = wrk.lua_script(texts)
+    table = script.split("local bodies = {\n", 1)[1].split("\n}\n", 1)[0]
+    literals = [line.strip().removesuffix(",") for line in table.splitlines()]
+    bodies = [lua_unquote(lit) for lit in literals]
+    assert [json.loads(b) for b in bodies] == [{"text": t} for t in texts]  # valid JSON, in corpus order
+    assert bodies == [json.dumps({"text": t}) for t in texts]  # the bytes Locust's json= sends
+
+
+def test_lua_script_posts_json_cycles_and_reports():
+    script = wrk.lua_script(["one"], {"Authorization": "Bearer k1"})
+    lines = script.splitlines()
+    for expected in [
+        'wrk.method = "POST"',
+        'wrk.headers["Content-Type"] = "application/json"',
+        'wrk.headers["Authorization"] = "Bearer k1"',
+        "  i = i % #bodies + 1",  # 1, 2, ..., n, 1, ...: Lua tables count from 1
+        "  return wrk.format(nil, nil, nil, bodies[i])",
+        "done = function(summary, latency, requests)",
+    ]:
+        assert expected in lines
+    for field in ("summary.requests", "summary.duration", "e.status", "e.timeout", "latency:percentile(99)"):
+        assert field in script
+    with pytest.raises(ValueError):
+        wrk.lua_script([])
+
+
+def test_parse_wrk_done_line():
+    assert wrk.parse(WRK_OUTPUT.replace("\\\n", "")) == {
+        "requests": 912,
+        "duration_us": 15020000,
+        "errors": {"status": 12, "connect": 0, "read": 1, "write": 0, "timeout": 3},
+        "latency_ms": {"p50": 510.0, "p95": 780.5, "p99": 900.0},
+    }
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        "",
+        "unable to connect to 127.0.0.1:1 Connection refused\n",
+        '{"requests": 3\n',  # cut short: not JSON
+        '{"some": "other json"}\n',
+    ],
+)
+def test_parse_wrk_without_done_line(output):
+    assert wrk.parse(output) is None
+
+
+def test_parse_wrk_takes_the_last_done_line():
+    got = wrk.parse('{"requests": 1, "duration_us": 1}\nnoise\n{"requests": 2, "duration_us": 2}\n{broken\n')
+    assert got is not None and got["requests"] == 2
+
+
+def test_wrk_columns():
+    got = wrk.columns(wrk.parse(WRK_OUTPUT.replace("\\\n", "")))
+    assert got == pytest.approx(
+        {
+            "wrk_requests_per_s": 900 / 15.02,  # successes only, as Locust's: 912 less 12 non-2xx
+            "wrk_p50_ms": 510.0,
+            "wrk_p95_ms": 780.5,
+            "wrk_p99_ms": 900.0,
+            "wrk_requests": 900.0,
+            "wrk_errors": 16.0,  # 12 status + 1 read + 3 timeouts
+        }
+    )
+    assert set(got) == set(bench.SUMMARY_FIELDS) & set(got)  # every one a summary.csv column
+    nothing = {"requests": 0, "duration_us": 1_000_000, "errors": {"connect": 32}, "latency_ms": {"p50": 0.0}}
+    assert wrk.columns(nothing) == {
+        "wrk_requests_per_s": 0.0,
+        "wrk_p50_ms": None,  # wrk's percentile of no sample is 0, not a latency
+        "wrk_p95_ms": None,
+        "wrk_p99_ms": None,
+        "wrk_requests": 0.0,
+        "wrk_errors": 32.0,
+    }
+    assert set(wrk.columns(None).values()) == {None}
+
+
+@pytest.mark.parametrize("seconds, flag", [(15, "-d15s"), (7.5, "-d8s"), (0.2, "-d1s"), (120.0, "-d120s")])
+def test_wrk_command(seconds, flag):
+    script = Path("/tmp/x.lua")
+    assert wrk.command("http://127.0.0.1:9/predict", 32, seconds, script) == [
+        "wrk",
+        "-t1",  # one thread, one Lua state
+        "-c32",  # one connection a user
+        flag,  # whole seconds, rounded up
+        "--latency",
+        "--timeout",
+        "60s",  # Locust's FastHttpUser timeout, not wrk's 2 s
+        "-s",
+        "/tmp/x.lua",
+        "http://127.0.0.1:9/predict",
+    ]
+
+
+class FakeRun:
+    def __init__(self, stdout: str) -> None:
+        self.stdout, self.stderr, self.returncode = stdout, "", 1
+
+
+def test_wrk_version(monkeypatch):
+    monkeypatch.setattr(wrk.shutil, "which", lambda name: None)
+    assert wrk.version() is None  # not installed: the run says so, the wrk columns stay blank
+    monkeypatch.setattr(wrk.shutil, "which", lambda name: "/usr/bin/wrk")
+    out = "wrk debian/4.1.0-3+b2 [epoll] Copyright (C) 2012 Will Glozer\nUsage: wrk <options> <url>\n"
+    monkeypatch.setattr(wrk.subprocess, "run", lambda *a, **kw: FakeRun(out))
+    assert wrk.version() == "wrk debian/4.1.0-3+b2 [epoll]"
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk not installed (.ci/run installs it)")
+def test_wrk_measures_a_local_server(tmp_path):
+    """The generated script run by the real wrk: every body arrives as JSON, non-2xx are counted, done() parses."""
+    texts = ['say "hi"', "back\\slash", "café ☕", "fail me"]
+    seen: list[tuple[Any, ...]] = []
+    failed = [0]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as wrk expects
+        disable_nagle_algorithm = True
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((body["text"], self.headers["Content-Type"], self.headers["Authorization"]))
+            status = 503 if body["text"] == "fail me" else 200
+            failed[0] += status == 503
+            answer = b'{"label": "POSITIVE", "score": 0.9}'
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/predict"
+        result = wrk.measure(url, 4, 1, texts, tmp_path / "x_u4", tmp_path / "x_u4", {"Authorization": "Bearer k"})
+    finally:
+        server.shutdown()
+    assert result is not None and result["requests"] > len(texts)  # round the corpus more than once
+    assert {s[0] for s in seen} == set(texts) and {s[1:] for s in seen} == {("application/json", "Bearer k")}
+    assert 0 < result["errors"]["status"] <= failed[0]  # the measured run's 503s, not the warm-up's
+    cols = wrk.columns(result)
+    assert cols["wrk_requests"] == result["requests"] - result["errors"]["status"]
+    p50, p99 = cols["wrk_p50_ms"], cols["wrk_p99_ms"]
+    assert p50 is not None and p99 is not None and 0 < p50 <= p99
+    assert json.loads((tmp_path / "x_u4_wrk.json").read_text()) == result
+    assert (tmp_path / "x_u4_wrk.lua").read_text() == wrk.lua_script(texts, {"Authorization": "Bearer k"})
+    assert (tmp_path / "x_u4_wrk_warmup.log").exists() and (tmp_path / "x_u4_wrk.log").exists()

@@ -1,6 +1,6 @@
 """deploy/k8s/: both overlays render, validate against the published schemas, and agree with the app.
 
-    pytest tests/test_k8s.py -q                         # ~10 s, no server
+    pytest tests/test_k8s.py -q                         # ~30 s: one in-process server, its engine killed once
     pytest tests/test_k8s.py -q -s -m slow -k sizing    # the RSS behind the resource figures (3-6 min)
     pytest tests/test_k8s.py -q -s -m slow -k steps     # README "Scaling out": process, workers, replicas (~6 min)
 
@@ -9,15 +9,19 @@ validators: `npm ci --prefix tests/data/crd-validators` (`make test` runs it). N
 is checked is the rendered YAML against the Kubernetes API schemas (kubernetes-validate, strict: an
 unknown field fails), the custom resources against the CRD schemas of pinned prometheus-operator and
 KEDA releases, and every value the app reads against the app itself (Settings, the Dockerfile, the
-routes). tests/test_cluster.py runs the same settings as processes: probes, Prometheus, a rollout.
+routes, the engine's core plan), and the probes against a server whose engine is killed.
+tests/test_cluster.py runs the same settings as processes: probes, Prometheus, a rollout.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import math
+import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -29,10 +33,13 @@ import httpx
 import kubernetes_validate
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 import batched_server
 from serving import guard
+from serving.cores import plan_cores
 from serving.settings import Settings
+from tests.conftest import serving
 from tests.processes import ROOT, Proc, environ, need, start_nginx
 
 K8S = ROOT / "deploy" / "k8s"
@@ -104,6 +111,28 @@ def settings_env(objects: list[dict[str, Any]]) -> dict[str, str]:
             assert ref["name"] == secret["metadata"]["name"]
             env[var["name"]] = secret["stringData"][ref["key"]]
     return env
+
+
+SETTING_NAMES = {name.upper() for name in Settings.__dataclass_fields__}
+
+
+def pod_settings_env(objects: list[dict[str, Any]]) -> dict[str, str]:
+    """settings_env plus the settings the container sets itself (ENGINE_THREADS sits beside the CPU it
+    divides), which win over the ConfigMap's as a pod's env wins over its envFrom."""
+    env = settings_env(objects)
+    for var in api_container(objects)["env"]:
+        if var["name"] in SETTING_NAMES and "value" in var:
+            env[var["name"]] = var["value"]
+    return env
+
+
+def pod_settings(objects: list[dict[str, Any]]) -> Settings:
+    """What the server in the pod reads: the image's ENV under the pod's own."""
+    return Settings.from_env({**dockerfile_env(), **pod_settings_env(objects)})
+
+
+def cpu_cores(quantity: str) -> float:
+    return int(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
 
 
 def dockerfile() -> str:
@@ -194,18 +223,22 @@ def test_custom_resources_validate_against_their_published_crds(rendered: dict[s
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_setting_is_real_and_valid(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
     env = settings_env(rendered[overlay])
-    known = {name.upper() for name in Settings.__dataclass_fields__}
+    known = SETTING_NAMES
     assert set(env) - known == set(), "not settings of serving/settings.py"
-    settings = Settings.from_env(env)  # raises SettingsError naming the variable on a bad value
+    Settings.from_env(env)  # raises SettingsError naming the variable on a bad value
+    settings = pod_settings(rendered[overlay])  # and with the container's own settings and the image's
     assert settings.model_fallback is False  # a pod that cannot load the model must not serve random weights
     assert settings.log_format == "json"
     assert settings.api_keys and settings.rate_limit is not None
     redis = one(rendered[overlay], "Service", "sentimentalyzer-redis")
     assert settings.redis_url == f"redis://{redis['metadata']['name']}:{redis['spec']['ports'][0]['port']}/0"
     assert settings.device == {"cpu": "cpu", "gpu": "cuda"}[overlay]
-    # every other variable of the container is one the image's CMD or torch reads
+    assert not settings.engine_factory  # tests only: the image has no tests/ to load it from
+    # a pass may legitimately run up to the deadline on a busy node; only one far past it is stalled
+    assert settings.engine_stall_s > settings.request_timeout_s
+    # every other variable of the container is one the image's CMD reads
     others = {v["name"] for v in api_container(rendered[overlay])["env"]} - known
-    assert others <= set(dockerfile_env()) | {"OMP_NUM_THREADS"}, others
+    assert others <= set(dockerfile_env()), others
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -217,20 +250,47 @@ def test_the_container_runs_the_dockerfiles_cmd(rendered: dict[str, list[dict[st
     env = {v["name"]: v.get("value") for v in container["env"]}
     image_env = dockerfile_env()
     assert env["APP"] == "batched_server:app" and hasattr(batched_server, "app")
-    assert env["WORKERS"] == "1"  # one model per pod: the autoscaler and the queue signal count models
     [port] = container["ports"]
     assert port["name"] == "http" and str(port["containerPort"]) == env["PORT"] == image_env["PORT"]
     assert container["image"].split(":")[0] == "sentimentalyzer"  # what deploy/Dockerfile's header tags
-    # the read-only root filesystem leaves writable exactly what the image writes to
+    # the read-only root filesystem leaves writable exactly what the image writes to: the engine's
+    # socket and its lock file beside it included, or the first front end could not start the engine
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    for path in (image_env["PROMETHEUS_MULTIPROC_DIR"], image_env["HF_HOME"]):
+    socket = pod_settings(rendered[overlay]).engine_socket
+    assert socket.startswith("/") and len(socket.encode()) < 108, socket  # an AF_UNIX path (sun_path)
+    for path in (image_env["PROMETHEUS_MULTIPROC_DIR"], image_env["HF_HOME"], socket):
         assert any(path.startswith(m + "/") for m in mounts), path
     pod = one(rendered[overlay], "Deployment")["spec"]["template"]["spec"]
     uid = re.search(r"useradd .*--uid (\d+) app", dockerfile()).group(1)
     assert str(pod["securityContext"]["runAsUser"]) == uid
-    threads = next(v for v in container["env"] if v["name"] == "OMP_NUM_THREADS")
-    assert threads["valueFrom"]["resourceFieldRef"]["resource"] == "limits.cpu"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_engine_threads_and_front_ends_divide_the_cpu_limit(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    container = api_container(rendered[overlay])
+    resources = container["resources"]
+    limit = cpu_cores(resources["limits"]["cpu"])
+    assert cpu_cores(resources["requests"]["cpu"]) == limit == int(limit)  # Guaranteed QoS, whole cores
+    cores = int(limit)
+    settings = pod_settings(rendered[overlay])
+    # set, not 0 (auto): auto plans from the cores the process may run on, which in a pod are the
+    # node's unless the static CPU manager pins it, and would start a thread for each under this limit
+    assert settings.engine_threads >= 1
+    # core numbers in a pod are the node's, unknown when the manifest is written (Settings has already
+    # parsed any value through parse_cpus; plan_cores would refuse cores the pod was not given)
+    assert settings.engine_cpus == ""
+    assert settings.dtype != "auto"  # the plan depends on the dtype, and auto resolves per node
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # plan_cores takes it over the core count
+    auto = plan_cores(settings.replace(engine_threads=0), range(cores), (settings.backend, settings.dtype))
+    # at most what the engine would take on a machine of the limit's cores, never more than the limit
+    assert settings.engine_threads <= auto.threads <= cores, auto
+    # one front end per core that plan leaves them; on 2 cores none is left (they share), so one
+    left = cores - (len(auto.cpus) or cores)
+    workers = int(next(v["value"] for v in container["env"] if v["name"] == "WORKERS"))
+    assert 1 <= workers <= max(1, left), (workers, auto)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -251,6 +311,47 @@ def test_probes_ask_the_routes_the_app_serves(rendered: dict[str, list[dict[str,
     start_period = re.search(r"--start-period=(\d+)s", dockerfile()).group(1)
     assert startup["periodSeconds"] * startup["failureThreshold"] >= int(start_period)
     assert container["livenessProbe"]["periodSeconds"] * container["livenessProbe"]["failureThreshold"] >= 60
+
+
+@pytest.mark.anyio
+async def test_liveness_holds_and_readiness_drops_while_the_engine_restarts(
+    rendered: dict[str, list[dict[str, Any]]], settings: Settings
+) -> None:
+    """The probes' paths against a server whose engine is killed: the front end restarts the engine,
+    so the kubelet must take the pod out of the Service meanwhile and must not restart the container."""
+    container = api_container(rendered["cpu"])
+    live, ready = container["livenessProbe"], container["readinessProbe"]
+    live_path, ready_path = live["httpGet"]["path"], ready["httpGet"]["path"]
+    lives, readies, refused = [], [], None
+    async with serving(batched_server.create_app(settings)) as client:
+        first = (await client.get(ready_path)).json()["engine_pid"]
+        os.kill(first, signal.SIGKILL)  # from outside, as the OOM killer would
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            asked = time.monotonic()
+            alive = await client.get(live_path)
+            lives.append((alive.status_code, time.monotonic() - asked))
+            answer = await client.get(ready_path)
+            readies.append(answer.status_code)
+            if answer.status_code == 503 and refused is None:
+                refused = await client.post("/predict", json={"text": "while it restarts"})
+            if answer.status_code == 200 and answer.json()["engine_pid"] != first:
+                break
+            await asyncio.sleep(0.05)
+        metrics = {
+            s.name: s.value
+            for family in text_string_to_metric_families((await client.get("/metrics")).text)
+            for s in family.samples
+        }
+    assert {status for status, _ in lives} == {200}, "the liveness probe failed while the engine restarted"
+    assert max(took for _, took in lives) < live["timeoutSeconds"]
+    assert 503 in readies and readies[-1] == 200, readies  # out of the Service, then back with a new engine
+    assert refused is not None and refused.status_code in (200, 503)  # 200 only if the new engine was warm
+    if refused.status_code == 503:
+        assert "Retry-After" in refused.headers
+    # what the alerts read (deploy/prometheus-rules.yml): one restart, and the engine up again
+    assert metrics["sentimentalyzer_engine_restarts_total"] == 1
+    assert metrics["sentimentalyzer_engine_up"] == 1
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -349,6 +450,10 @@ def alert_signals() -> dict[str, tuple[str, str, float]]:
     return out
 
 
+def duration_s(text: str) -> float:
+    return sum(float(n) * {"s": 1, "m": 60, "h": 3600}[u] for n, u in re.findall(r"(\d+)([smh])", text))
+
+
 def test_alert_rules_are_one_set_and_agree_with_the_settings(rendered: dict[str, list[dict[str, Any]]]) -> None:
     for objects in rendered.values():
         assert one(objects, "PrometheusRule")["spec"]["groups"] == prometheus_rules()
@@ -358,9 +463,20 @@ def test_alert_rules_are_one_set_and_agree_with_the_settings(rendered: dict[str,
         "SentimentalyzerErrors5xx",
         "SentimentalyzerReplicaNotReady",
         "SentimentalyzerLatencyP99High",
+        "SentimentalyzerEngineDown",
+        "SentimentalyzerEngineRestarting",
     }
-    records = {r["record"] for g in prometheus_rules() for r in g["rules"] if "record" in r}
-    assert {signal for signal, _, _ in signals.values()} <= records
+    recorded = {r["record"]: r["expr"] for g in prometheus_rules() for r in g["rules"] if "record" in r}
+    assert {signal for signal, _, _ in signals.values()} <= set(recorded)
+    # the engine alerts read the front end's own metrics of the engine (it answers scrapes while the
+    # engine is down): the gauge that /ready follows and the supervisor's restart counter
+    metrics = {s: re.findall(r"\bsentimentalyzer_\w+", recorded[s]) for s in recorded}
+    assert metrics[signals["SentimentalyzerEngineDown"][0]] == ["sentimentalyzer_engine_up"]
+    assert metrics[signals["SentimentalyzerEngineRestarting"][0]] == ["sentimentalyzer_engine_restarts_total"]
+    alerts = {r["alert"]: r for g in prometheus_rules() for r in g["rules"] if "alert" in r}
+    # the engine's alert comes first and says why; the pod's not-ready alert follows
+    engine_down, not_ready = alerts["SentimentalyzerEngineDown"], alerts["SentimentalyzerReplicaNotReady"]
+    assert duration_s(engine_down["for"]) < duration_s(not_ready["for"])
     settings = Settings.from_env(settings_env(rendered["cpu"]))
     assert signals["SentimentalyzerQueueSaturating"][2] == settings.request_timeout_s / 2
     assert signals["SentimentalyzerLatencyP99High"][2] < settings.request_timeout_s
@@ -410,12 +526,7 @@ def test_sizing_measured_rss_fits_the_memory_limit(rendered: dict[str, list[dict
     heaviest batches the settings admit (MAX_BATCH_ITEMS texts of 512+ tokens), on the CPU settings."""
     psutil = pytest.importorskip("psutil")
     # REQUEST_TIMEOUT_MS raised so that the heaviest batch is computed even on a slow shared machine
-    env = {
-        **settings_env(rendered["cpu"]),
-        "MODEL_ID": "stand-in",
-        "OMP_NUM_THREADS": "2",
-        "REQUEST_TIMEOUT_MS": "300000",
-    }
+    env = {**pod_settings_env(rendered["cpu"]), "MODEL_ID": "stand-in", "REQUEST_TIMEOUT_MS": "300000"}
     for name in ("REDIS_URL", "API_KEYS", "RATE_LIMIT"):  # no Redis or keys needed to measure memory
         env.pop(name)
     proc = Proc.uvicorn(
@@ -425,21 +536,28 @@ def test_sizing_measured_rss_fits_the_memory_limit(rendered: dict[str, list[dict
     try:
         proc.wait_ready(timeout_s=600)
         process = psutil.Process(proc.popen.pid)
-        idle = process.memory_info().rss
+        # the front end and the engine process it started, which holds the model: the pod's memory
+        processes = [process, *process.children(recursive=True)]
+        assert len(processes) >= 2, "no engine process beside the front end"
+
+        def rss() -> int:
+            return sum(p.memory_info().rss for p in processes)
+
+        idle = rss()
         peak = [idle]
 
         def watch() -> None:
             while not done.wait(0.05):
-                peak[0] = max(peak[0], process.memory_info().rss)
+                peak[0] = max(peak[0], rss())
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
-        started, cpu0 = time.monotonic(), sum(process.cpu_times()[:2])
+        started, cpu0 = time.monotonic(), sum(sum(p.cpu_times()[:2]) for p in processes)
         locust = subprocess.run(
             [*locust_command(proc.url, 32, 20), "--csv", str(tmp_path / "sizing")], cwd=ROOT, capture_output=True
         )
         assert locust.returncode == 0, locust.stderr[-2000:]
-        cores = (sum(process.cpu_times()[:2]) - cpu0) / (time.monotonic() - started)
+        cores = (sum(sum(p.cpu_times()[:2]) for p in processes) - cpu0) / (time.monotonic() - started)
         corpus_peak = peak[0]
         texts = ["a long review that goes on and on " * 80] * Settings().max_batch_items
         for _ in range(3):
@@ -494,8 +612,9 @@ def serve_and_measure(name: str, url: str, roots: list[Proc], tmp: Path) -> dict
 
 @pytest.mark.slow
 def test_scaling_out_steps_on_one_machine(tmp_path: Path) -> None:
-    """deploy/k8s/README.md "Scaling out": one process, `--workers 2`, two replicas behind nginx, on this
-    machine's cores, the stand-in on CPU. torch gets the same cores in all three (2 threads, or 1 each)."""
+    """deploy/k8s/README.md "Scaling out": one front end, `--workers 2` (two front ends, still one
+    engine), two replicas behind nginx, on this machine's cores, the stand-in on CPU. torch gets the
+    same cores in all three (one engine on 2 threads, or two on 1 each)."""
     base = {"MODEL_ID": "stand-in", "DEVICE": "cpu", "DTYPE": "fp32", "LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"}
     rows = []
     one_process = Proc.uvicorn(
@@ -512,12 +631,12 @@ def test_scaling_out_steps_on_one_machine(tmp_path: Path) -> None:
     workers = Proc.uvicorn(
         "batched_server:app",
         tmp_path / "workers.log",
-        environ({**base, "OMP_NUM_THREADS": "1", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "multiproc")}),
+        environ({**base, "OMP_NUM_THREADS": "2", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "multiproc")}),
         workers=2,
     )
     try:
         workers.wait_ready(timeout_s=600)
-        time.sleep(20)  # /ready answers once the first worker is warm; give the second its warm-up too
+        time.sleep(5)  # /ready answers once one front end is attached; let the other hear the engine too
         rows.append(serve_and_measure("--workers 2", workers.url, [workers], tmp_path))
     finally:
         workers.stop()

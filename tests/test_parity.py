@@ -15,7 +15,7 @@ import pytest
 import batched_server
 import naive_server
 from serving.engine import ladder_length
-from serving.model import load_engine, plan_groups
+from serving.model import cpu_flags, load_engine, plan_groups
 from serving.settings import Settings
 from tests.conftest import serving
 
@@ -41,6 +41,13 @@ ENGINES = [  # (settings changes, score tolerance): every CPU engine, the padded
     ({"dtype": "bf16"}, 1e-2),  # packed, bf16 weights
     ({"backend": "onnx", "dtype": "fp32"}, 1e-4),
     ({"backend": "onnx", "dtype": "int8"}, 1e-2),
+    ({"backend": "openvino", "dtype": "fp32"}, 1e-4),
+    ({"backend": "openvino", "dtype": "int8"}, 1e-2),
+    pytest.param(
+        {"backend": "openvino", "dtype": "bf16"},
+        1e-2,
+        marks=pytest.mark.skipif(not cpu_flags() & {"avx512_bf16", "amx_bf16"}, reason="no bf16 instructions"),
+    ),
 ]
 
 

@@ -1,13 +1,13 @@
-"""Reliability through real HTTP: deadlines, disconnects, model faults, a dead worker, SIGTERM (issue 5).
+"""Reliability through real HTTP: deadlines, disconnects, engine faults, a dead or stalled engine, SIGTERM.
 
-    pytest tests/test_reliability.py -q          # ~1 min: starts 5 servers on 127.0.0.1 (gunicorn if installed)
+    pytest tests/test_reliability.py -q          # ~2 min: starts 8 servers on 127.0.0.1 (gunicorn if installed)
 
-Every server here is the real batched app run by a real uvicorn process. Faults are injected by
-`fault_app`, a test-only uvicorn factory that wraps `engine.predict` after the lifespan has loaded
-the model: texts carrying a marker hang the worker, raise, or kill the consumer; FAULT_BATCH_DELAY_MS
-makes every batch slow, so queues build up with a tiny model. Nothing in production code knows.
-What "never computed" means is read from the server's own /metrics: the batch-size histogram's
-sum counts every item that went through the model.
+Every server here is the real batched app run by a real uvicorn (or gunicorn) process, with its real
+engine process. Faults are injected in the engine through ENGINE_FACTORY=tests.faults:fault_engine
+(tests/faults.py): texts carrying a marker hang the engine's worker, raise, or end the engine
+process; FAULT_BATCH_DELAY_MS makes every pass slow, so queues build up with a tiny model. Nothing in
+production code knows. What "never computed" means is read from the server's own /metrics: the
+batch-size histogram's sum (the engine's, carried over IPC) counts every item that went through the model.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -27,81 +26,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
-from starlette.requests import Request
 
-from tests.processes import Proc, free_port, start, wait_until_ok
-
-HANG, RAISE, DIE = "__fault_hang__", "__fault_raise__", "__fault_die__"
-
-
-class WorkerDied(BaseException):
-    """Escapes the batcher's `except Exception`, like an error that kills the consumer task."""
-
-
-def fault_app() -> FastAPI:
-    """uvicorn --factory tests.test_reliability:fault_app (FAULT_STALL_S, FAULT_BATCH_DELAY_MS).
-
-    The test hook: the real app from batched_server.create_app(), plus two /_fault routes (release the
-    held worker; pid, queue depth and requests read so far), and engine.predict_ids wrapped once loaded."""
-    import batched_server
-
-    if os.environ.get("FAULT_STALL_S"):  # STALL_S is a module constant; lowered so a test can wait it out
-        batched_server.STALL_S = float(os.environ["FAULT_STALL_S"])
-    delay_s = float(os.environ.get("FAULT_BATCH_DELAY_MS", "0")) / 1000
-    release = threading.Semaphore(0)
-    state = {"received": 0, "hanging": 0}
-    app = batched_server.create_app()
-    inner = app.router.lifespan_context
-
-    @asynccontextmanager
-    async def lifespan(a) -> AsyncIterator[None]:
-        async with inner(a):
-            engine = a.state.service.engine
-            real = engine.predict_ids
-            hang, die, fail = engine.tokenize([HANG, DIE, RAISE])  # the worker sees token ids
-
-            def predict_ids(ids, on_pass=None, tokenize_ms=0.0):
-                if hang in ids:
-                    state["hanging"] += 1
-                    release.acquire(timeout=60)  # bounded: a forgotten release cannot block shutdown forever
-                    state["hanging"] -= 1
-                if die in ids:
-                    raise WorkerDied("injected")
-                if fail in ids:
-                    raise RuntimeError("CUDA out of memory (injected)")
-                time.sleep(delay_s)
-                return real(ids, on_pass=on_pass, tokenize_ms=tokenize_ms)
-
-            engine.predict_ids = predict_ids
-            yield
-
-    app.router.lifespan_context = lifespan
-
-    @app.post("/_fault/release")
-    async def release_worker() -> dict[str, int]:
-        release.release()
-        return {"released": 1}
-
-    @app.get("/_fault/state")
-    async def fault_state(request: Request) -> dict[str, int]:
-        service = request.app.state.service
-        batcher = service.batcher if service is not None else None
-        return {"pid": os.getpid(), "depth": batcher.depth if batcher else 0, **state}
-
-    class CountReceived:  # pure ASGI, so it cannot change how disconnects reach the endpoint
-        def __init__(self, inner_app) -> None:
-            self.app = inner_app
-
-        async def __call__(self, scope, receive, send) -> None:
-            if scope["type"] == "http" and scope["path"].startswith("/predict"):
-                state["received"] += 1
-            await self.app(scope, receive, send)
-
-    app.add_middleware(CountReceived)
-    return app
-
+from tests.faults import DIE, HANG, RAISE
+from tests.processes import Proc, eventually, free_port, start, wait_until_ok
 
 # ------------------------------------------------------------------------------------------ harness
 
@@ -120,14 +48,14 @@ def _command(launcher: str, port: int, workers: int) -> list[str]:
             f"127.0.0.1:{port}",
             "--graceful-timeout",
             "30",
-            "tests.test_reliability:fault_app()",
+            "tests.faults:fault_app()",
         ]
     return [
         sys.executable,
         "-m",
         "uvicorn",
         "--factory",
-        "tests.test_reliability:fault_app",
+        "tests.faults:fault_app",
         "--host",
         "127.0.0.1",
         "--port",
@@ -153,8 +81,15 @@ def running(model_dir: str, tmp: Path, launcher: str = "uvicorn", workers: int =
     port = free_port()
     environ = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     environ.update(
-        MODEL_ID=model_dir, MODEL_FALLBACK="0", DEVICE="cpu", OMP_NUM_THREADS="1", **{k: str(v) for k, v in env.items()}
+        MODEL_ID=model_dir,
+        MODEL_FALLBACK="0",
+        DEVICE="cpu",
+        OMP_NUM_THREADS="1",
+        ENGINE_FACTORY="tests.faults:fault_engine",
+        FAULT_DIR=str(tmp),
+        ENGINE_SOCKET=str(tmp / "engine.sock"),  # this server's own engine, whatever else runs
     )
+    environ.update({k: str(v) for k, v in env.items()})
     proc = start(f"{launcher}-{port}", _command(launcher, port, workers), tmp, environ)
     try:
         wait_until_ok(proc, f"http://127.0.0.1:{port}/ready")
@@ -213,7 +148,7 @@ async def _state_is(client: httpx.AsyncClient, key: str, value: int) -> bool:
 # --------------------------------------------------------------------------------------------- tests
 
 pytestmark = pytest.mark.anyio
-STALL_S = 5.0  # the fault server's STALL_S; every test but the stall test holds the worker far less
+STALL_S = 5.0  # ENGINE_STALL_S of the fragile server; every test but the stall test holds the worker far less
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +160,6 @@ def server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         MAX_BATCH_SIZE=8,
         MAX_WAIT_MS=0,
         REQUEST_TIMEOUT_MS=1000,
-        FAULT_STALL_S=STALL_S,
     ) as s:
         yield s
 
@@ -285,16 +219,6 @@ async def test_a_raising_batch_fails_only_its_culprit_and_serving_goes_on(server
     assert delta(before, metrics(server), COMPUTED) == 5
 
 
-async def test_a_stalled_worker_turns_ready_503_without_hanging(server: Server) -> None:
-    async with httpx.AsyncClient(base_url=server.url, timeout=5) as c:  # a hanging answer fails here
-        async with hung_worker(c) as held:
-            await until(lambda: _status(c.get("/ready"), 503), limit_s=STALL_S + 20, every_s=0.2)
-            refused = await c.post("/predict", json={"text": "while stalled"})
-        assert (await held).status_code == 200
-        await until(lambda: _status(c.get("/ready"), 200))
-    assert refused.status_code == 503 and "detail" in refused.json()
-
-
 async def _status(request, status: int) -> bool:
     return (await request).status_code == status
 
@@ -319,22 +243,130 @@ async def test_oversized_bodies_are_refused_on_the_wire(server: Server) -> None:
     assert r.status_code == 413 and "detail" in r.json()
 
 
-async def test_a_dead_worker_answers_every_caller_and_turns_ready_503(tiny_model_dir: str, tmp_path: Path) -> None:
-    with running(tiny_model_dir, tmp_path, MAX_BATCH_SIZE=1, MAX_WAIT_MS=0) as srv:
-        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as c:
-            async with hung_worker(c) as held:
-                dying = asyncio.ensure_future(c.post("/predict", json={"text": DIE}))
-                await until(lambda: _state_is(c, "depth", 1))
-                queued = asyncio.ensure_future(c.post("/predict", json={"text": "queued behind"}))
-                await until(lambda: _state_is(c, "depth", 2))
-            assert (await held).status_code == 200
-            await until(lambda: _status(c.get("/ready"), 503))
-            after = await c.post("/predict", json={"text": "after the death"})
-            assert (await queued).status_code == 503 and after.status_code == 503
-            # the request whose batch killed the worker must be answered too, not left hanging
-            done, _ = await asyncio.wait({dying}, timeout=10)
-            assert done, "the request in the dead worker's batch never got an answer"
-            assert dying.result().status_code >= 500 and "detail" in dying.result().json()
+async def _engine_pid(client: httpx.AsyncClient) -> int:
+    r = await client.get("/ready")
+    return r.json()["engine_pid"] if r.status_code == 200 else 0
+
+
+async def _restarted(client: httpx.AsyncClient, old_pid: int) -> int:
+    """The new engine's pid once /ready is 200 again behind another engine than old_pid."""
+    pid = await _engine_pid(client)
+    return pid if pid not in (0, old_pid) else 0
+
+
+def _front_pid(server: Server) -> int:
+    return httpx.get(f"{server.url}/_fault/state", timeout=5).json()["pid"]
+
+
+@pytest.fixture(scope="module")
+def fragile(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server whose engine is killed, stalled and crashed by the tests below, in turn."""
+    with running(
+        tiny_model_dir, tmp_path_factory.mktemp("fragile"), MAX_BATCH_SIZE=1, MAX_WAIT_MS=0, ENGINE_STALL_S=STALL_S
+    ) as s:
+        yield s
+
+
+async def test_an_engine_that_dies_mid_pass_fails_its_callers_at_once_and_is_restarted(fragile: Server) -> None:
+    front = _front_pid(fragile)
+    async with httpx.AsyncClient(base_url=fragile.url, timeout=30) as c:
+        old = await _engine_pid(c)
+        async with hung_worker(c) as held:
+            dying = asyncio.ensure_future(c.post("/predict", json={"text": DIE}))
+            await until(lambda: _state_is(c, "depth", 1))
+            queued = asyncio.ensure_future(c.post("/predict", json={"text": "queued behind"}))
+            await until(lambda: _state_is(c, "depth", 2))
+        assert (await held).status_code == 200
+        # the death fails every caller of that engine well before REQUEST_TIMEOUT_MS (10 s here)
+        done, _ = await asyncio.wait({dying, queued}, timeout=5)
+        assert done == {dying, queued}, "a request waiting on the dead engine was left hanging"
+        after = await c.post("/predict", json={"text": "right after the death"})
+        new = await until(lambda: _restarted(c, old))
+        again = await c.post("/predict", json={"text": "served by the new engine"})
+        m = metrics(fragile)
+    for r in (dying.result(), queued.result()):
+        assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1 and "detail" in r.json()
+    assert after.status_code in (200, 503)  # 200 only if the new engine was already warm
+    assert again.status_code == 200 and new != old
+    assert _front_pid(fragile) == front  # the front end was never restarted
+    assert m["sentimentalyzer_engine_restarts_total"] >= 1 and m["sentimentalyzer_engine_up"] == 1
+
+
+async def test_a_killed_engine_turns_ready_503_and_comes_back(fragile: Server) -> None:
+    async with httpx.AsyncClient(base_url=fragile.url, timeout=30) as c:
+        old = await until(lambda: _engine_pid(c))
+        async with hung_worker(c) as held:
+            os.kill(old, signal.SIGKILL)  # from outside, as the OOM killer would
+            held_answer = await asyncio.wait_for(held, 5)
+            down = await until(lambda: _status(c.get("/ready"), 503), limit_s=5)
+            refused = await c.post("/predict", json={"text": "while it restarts"})
+        await until(lambda: _restarted(c, old))
+        served = await c.post("/predict", json={"text": "after the restart"})
+    assert held_answer.status_code == 503 and "Retry-After" in held_answer.headers
+    assert down and refused.status_code in (200, 503) and served.status_code == 200
+
+
+async def test_a_stalled_engine_fails_its_callers_turns_ready_503_and_is_replaced(fragile: Server) -> None:
+    async with httpx.AsyncClient(base_url=fragile.url, timeout=5) as c:  # a hanging answer fails here
+        old = await until(lambda: _engine_pid(c))
+        held = asyncio.ensure_future(c.post("/predict", json={"text": HANG}, timeout=STALL_S + 20))
+        await until(lambda: _state(c, "hanging"))  # never released: the pass makes no progress
+        await until(lambda: _status(c.get("/ready"), 503), limit_s=STALL_S + 20, every_s=0.2)
+        refused = await c.post("/predict", json={"text": "while stalled"})
+        held_answer = await asyncio.wait_for(held, 5)
+        await until(lambda: _restarted(c, old), limit_s=30)
+        served = await c.post("/predict", json={"text": "after the stall"})
+    assert held_answer.status_code == 503 and "detail" in held_answer.json()
+    assert refused.status_code == 503 and "Retry-After" in refused.headers
+    assert served.status_code == 200
+
+
+@pytest.mark.parametrize("launcher", ["uvicorn", "gunicorn"])
+async def test_front_ends_share_one_engine_and_metrics_appear_once_summed(
+    launcher: str, tiny_model_dir: str, tmp_path: Path
+) -> None:
+    if launcher == "gunicorn":
+        pytest.importorskip("gunicorn")
+    n = 40
+    (tmp_path / "prom").mkdir()  # front-end counts summed over workers: prometheus-client's multiprocess mode
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"), "ENGINE_SOCKET": ""}  # the derived, shared path
+    with running(tiny_model_dir, tmp_path, launcher, 2, **env) as srv:
+        fronts: dict[int, int] = {}
+        engines = set()
+        async with httpx.AsyncClient(
+            base_url=srv.url, timeout=30, limits=httpx.Limits(max_keepalive_connections=0)
+        ) as c:
+            before = metrics(srv)
+            answers = await asyncio.gather(*(c.post("/predict", json={"text": f"shared {i}"}) for i in range(n)))
+            for _ in range(20):
+                state = (await c.get("/_fault/state")).json()
+                fronts[state["pid"]] = state["received"]
+                engines.add(state["engine_pid"])
+        text = httpx.get(f"{srv.url}/metrics", timeout=5).text
+        after = metrics(srv)
+    assert [r.status_code for r in answers] == [200] * n
+    assert len(fronts) == 2 and len(engines) == 1, (fronts, engines)
+    families = [line for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert len(families) == len(set(families)), "a metric family appears twice in /metrics"
+    assert delta(before, after, 'sentimentalyzer_requests_total{endpoint="/predict",status="200"}') == n
+    assert delta(before, after, COMPUTED) == n  # the engine's histogram, once, counting both front ends
+
+
+def test_the_engine_goes_when_its_server_is_killed(tiny_model_dir: str, tmp_path: Path) -> None:
+    with running(tiny_model_dir, tmp_path) as srv:
+        engine = httpx.get(f"{srv.url}/ready", timeout=5).json()["engine_pid"]
+        srv.proc.popen.kill()  # SIGKILL: no lifespan, no Bye; only the kernel knows
+        srv.proc.popen.wait(10)
+        assert eventually(lambda: not _alive(engine), 10), "the engine outlived its server"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie has exited: only its parent has yet to reap it
+        return f.read().split(") ")[1][0] != "Z"
 
 
 LAUNCHERS = [

@@ -198,7 +198,8 @@ def plot(rows: list[dict[str, Any]], env: dict[str, Any], path: Path) -> bool:
 
 def _load(run: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     with open(run / "summary.csv", newline="", encoding="utf-8") as f:
-        rows: list[dict[str, Any]] = list(csv.DictReader(f))
+        # a row with too few answers is no result: it is not quoted across runs either
+        rows: list[dict[str, Any]] = [r for r in csv.DictReader(f) if r.get("too_few_answers") != "True"]
     for r in rows:
         r["users"] = int(float(r["users"]))
         for k in ("requests_per_s", "p50_ms", "p99_ms"):
