@@ -3,6 +3,7 @@
     MODEL_ID=stand-in python -m harness.engines --corpus data/reviews.txt --out results/engines-cpu  # ~20 min
     MODEL_ID=stand-in python -m harness.engines --quick --threads 1 --out /tmp/engines  # subset, 1 round: ~6 min
     python -m harness.engines --only packing --takes 20 --rounds 3              # one section
+    MODEL_ID=stand-in python -m harness.engines --only auto --out results/auto-cpu  # BACKEND=auto's table: ~2 min
 
 Writes engines.json and engines.md in --out. No HTTP: the model alone, forward only (tokenized once
 beforehand), padding, softmax and the copy to the CPU included, at torch's default threads (--threads N:
@@ -16,7 +17,8 @@ and mean abs diff of P(positive) from torch fp32 over the corpus, plus label fli
 within 1e-2 of 0.5. packing: random takes of 32 texts, one pass each, padded to the longest versus
 serving.packed (each attention variant), against the one-length limit (the same texts repeated 8 times,
 length-sorted, cut into batches of 32: padding efficiency ~0.97, reported), in fp32 and bf16, with max
-|dP| of each from the padded pass.
+|dP| of each from the padded pass. auto: what BACKEND=auto measures at a first start (serving.autoselect,
+measured afresh, the cache neither read nor written), with the engine it would pick for each server.
 
 Rounds alternate engines (a pass each, in turn) so a busy machine slows them alike; the best round is
 reported. oneDNN's primitive cache is left at its default, as the servers leave it (their shapes are
@@ -35,6 +37,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -221,6 +224,25 @@ def section_packing(args: argparse.Namespace, model: Any, ids: list[list[int]]) 
     return out
 
 
+def section_auto() -> dict[str, Any]:
+    """BACKEND=auto's own measurement (serving.autoselect.calibrate), as served: through load_engine."""
+    from serving import autoselect
+    from serving.model import cache_dir, cpu_flags, load_concrete, pick_device, resolve_source
+    from serving.settings import Settings
+
+    settings = Settings.from_env().replace(backend="auto")
+    source = resolve_source(settings)
+    machine = autoselect.Machine(pick_device(settings.device).type, cpu_flags(), "", cache_dir() / "auto")
+    options = autoselect.candidates(machine, settings.dtype)
+    timings = autoselect.calibrate(settings, options, lambda s: load_concrete(s, source), autoselect.measure)
+    picks = {autoselect.SHAPES[k]: autoselect.pick(timings, k, cached=False) for k in autoselect.SHAPES}
+    rows = []
+    for t in timings:
+        chosen = [shape for shape, c in picks.items() if (c.backend, c.dtype) == (t.backend, t.dtype)]
+        rows.append({**asdict(t), "picked_for": chosen})
+    return {"dtype": settings.dtype, "agreement": autoselect.AGREEMENT, "rows": rows}
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Engines, in-process ({result['model_source']}, {result['cpu']['model_name']}, {result['threads']} threads)"
@@ -245,6 +267,17 @@ def markdown(result: dict[str, Any]) -> str:
             for r in p.get(dtype, []):
                 dp = "" if r["max_dP_vs_padded"] is None else f"{r['max_dP_vs_padded']:.2g}"
                 lines.append(f"| {dtype} | {r['way']} | {r['seq_s']:.1f} | {r['of_limit']:.2f} | {dp} |")
+    if "auto" in result:
+        a = result["auto"]
+        lines += ["", f"## BACKEND=auto (DTYPE={a['dtype']}; kept: max abs dP <= {a['agreement']:g})", ""]
+        lines += ["| engine | batch of one, median ms | full passes, texts/s | max abs dP | load + warm-up s "]
+        lines[-1] += "| picked for | dropped because |"
+        lines += ["|---|---:|---:|---:|---:|---|---|"]
+        for r in a["rows"]:
+            lines.append(
+                f"| {r['backend']} {r['dtype']} | {r['one_ms']:.2f} | {r['pass_texts_s']:.1f} | {r['max_dp']:.2g} "
+                f"| {r['load_s']:.1f} | {', '.join(r['picked_for'])} | {r['error'] or ''} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -252,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", default="data/reviews.txt")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--only", choices=("engines", "packing"))
+    ap.add_argument("--only", choices=("engines", "packing", "auto"))
     ap.add_argument("--rounds", type=int, help="timed rounds, the best reported (default 2)")
     ap.add_argument("--takes", type=int, help="packing: random takes of 32 texts (default 12)")
     ap.add_argument("--batch1-texts", type=int, help="engines: texts run one at a time (default 64)")
@@ -298,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
         result["engines"] = section_engines(args, model, source, ids)
     if args.only in (None, "packing"):
         result["packing"] = section_packing(args, model, ids)
+    if args.only in (None, "auto"):
+        result["auto"] = section_auto()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "engines.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     (args.out / "engines.md").write_text(markdown(result), encoding="utf-8")

@@ -172,7 +172,7 @@ def choose(
         cached = False
         timings = calibrate(settings, options, load, measure_fn)
         _write(path, key, timings)
-    return _pick(timings, shape, cached)
+    return pick(timings, shape, cached)
 
 
 def calibrate(
@@ -207,7 +207,7 @@ def calibrate(
     return tuple(out)
 
 
-def _pick(timings: Sequence[Timing], shape: str, cached: bool) -> Choice:
+def pick(timings: Sequence[Timing], shape: str, cached: bool) -> Choice:
     ok = [t for t in timings if t.error is None]
     if not ok:
         raise RuntimeError(f"BACKEND=auto: no candidate can serve: {[(t.backend, t.dtype, t.error) for t in timings]}")

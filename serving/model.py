@@ -237,20 +237,20 @@ def load_engine(settings: Settings, source: Source | None = None, shape: str = "
     "pass" for the batched server's full passes, "one" for the naive server's batch of one."""
     source = source or resolve_source(settings)
     if settings.backend != "auto":
-        return _load(settings, source)
+        return load_concrete(settings, source)
     from serving.autoselect import Machine, choose
 
     device = pick_device(settings.device)
     model = AutoModelForSequenceClassification.from_pretrained(source.path)
     machine = Machine(device.type, cpu_flags(), weights_key(source, model), cache_dir() / "auto")
     del model
-    choice = choose(settings, shape, lambda s: _load(s, source), machine)
-    engine = _load(settings.replace(backend=choice.backend, dtype=choice.dtype), source)
+    choice = choose(settings, shape, lambda s: load_concrete(s, source), machine)
+    engine = load_concrete(settings.replace(backend=choice.backend, dtype=choice.dtype), source)
     engine.info["auto"] = choice.describe()
     return engine
 
 
-def _load(settings: Settings, source: Source) -> Engine:
+def load_concrete(settings: Settings, source: Source) -> Engine:
     """One concrete engine: BACKEND torch, onnx or openvino."""
     hf_logging.disable_progress_bar()  # on-demand mode loads per request: no progress bars in the log
     device = pick_device(settings.device)
