@@ -31,7 +31,7 @@ log = logging.getLogger("sentimentalyzer.api")
 MAX_BODY_BYTES = 1 << 20
 
 
-def _clean_text(text: str) -> str:
+def clean_text(text: str) -> str:
     if not text.strip():
         raise ValueError("text must not be empty or whitespace only")
     try:
@@ -41,7 +41,7 @@ def _clean_text(text: str) -> str:
     return text
 
 
-Text = Annotated[str, AfterValidator(_clean_text)]
+Text = Annotated[str, AfterValidator(clean_text)]
 
 
 class PredictRequest(BaseModel):

@@ -39,7 +39,18 @@ request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 ADMISSION_RATIO_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 4.0)
-_KNOWN_PATHS = {"/predict", "/predict/batch", "/health", "/ready", "/metrics"}
+_KNOWN_PATHS = {
+    "/predict",
+    "/predict/batch",
+    "/health",
+    "/ready",
+    "/metrics",
+    "/v2/health/live",
+    "/v2/health/ready",
+    "/v2/models/sentiment",
+    "/v2/models/sentiment/ready",
+    "/v2/models/sentiment/infer",
+}
 
 
 def _multiprocess() -> bool:

@@ -32,6 +32,7 @@ from serving.api import (
     require_ready,
 )
 from serving.model import Prediction
+from serving.oip import V2Errors, add_v2_routes
 from serving.ops import Observability
 from serving.settings import Settings
 
@@ -69,6 +70,8 @@ def create_app(kind: str, service_of: Callable[[Settings, Observability], Servic
             await service.stop()
 
     app = build_app(kind, lifespan, settings)
+    add_v2_routes(app)  # the Open Inference Protocol over HTTP: the same Service behind it
+    app.add_middleware(V2Errors)  # outermost: every refusal under /v2 in the protocol's form
     batched = kind == "batched"
 
     @app.post("/predict", response_model=BatchedPredictResponse if batched else PredictResponse)
