@@ -31,7 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.api import ApiError, clean_text, check_texts, require_ready
+from serving.api import ApiError, check_texts, clean_text, require_ready
 
 MODEL = "sentiment"
 VERSION = "1"
@@ -104,7 +104,8 @@ def read_texts(request: dict[str, Any], binary: bytes) -> list[str]:
         raw = decode_bytes(binary[:size] if isinstance(size, int) else b"", count)
     else:
         data = spec.get("data")
-        flat = [x for row in data for x in (row if isinstance(row, list) else [row])] if isinstance(data, list) else None
+        rows = data if isinstance(data, list) else None
+        flat = None if rows is None else [x for row in rows for x in (row if isinstance(row, list) else [row])]
         if flat is None or len(flat) != count or not all(isinstance(x, str) for x in flat):
             raise invalid(f"input `text` needs {count} strings in `data` (shape {shape})")
         raw = [x.encode("utf-8", "surrogatepass") for x in flat]

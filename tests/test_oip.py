@@ -38,7 +38,12 @@ def binary_body(texts: list[str]) -> tuple[bytes, dict[str, str]]:
     raw = b"".join(struct.pack("<I", len(t.encode())) + t.encode() for t in texts)
     head = {
         "inputs": [
-            {"name": "text", "datatype": "BYTES", "shape": [len(texts), 1], "parameters": {"binary_data_size": len(raw)}}
+            {
+                "name": "text",
+                "datatype": "BYTES",
+                "shape": [len(texts), 1],
+                "parameters": {"binary_data_size": len(raw)},
+            }
         ],
         "outputs": [{"name": "label", "parameters": {"binary_data": True}}, {"name": "score"}],
     }
@@ -124,7 +129,9 @@ async def test_a_full_queue_is_503_with_retry_after(settings: Settings) -> None:
 
 
 @pytest.fixture(scope="module", params=list(APPS))
-def server(request: pytest.FixtureRequest, tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server(
+    request: pytest.FixtureRequest, tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     tmp: Path = tmp_path_factory.mktemp(f"oip-{request.param}")
     env = {"MODEL_ID": tiny_model_dir, "MODEL_FALLBACK": "0", "DEVICE": "cpu", "DTYPE": "fp32", "API_KEYS": "k1"}
     proc, url = start_uvicorn(request.param, tmp, f"{request.param}_server:app", env)
@@ -147,12 +154,13 @@ def test_tritonclient_drives_the_server(server: str) -> None:
         text = httpclient.InferInput("text", [len(TEXTS), 1], "BYTES")
         text.set_data_from_numpy(np.array([[t] for t in TEXTS], dtype=object))  # binary, tritonclient's default
         outputs = [httpclient.InferRequestedOutput("label"), httpclient.InferRequestedOutput("score")]
-        result = client.infer("sentiment", [text], outputs=outputs, headers=headers)
+        # a fresh dict per call: tritonclient writes its Inference-Header-Content-Length into the one given
+        result = client.infer("sentiment", [text], outputs=outputs, headers=dict(headers))
         labels = [x.decode() for x in result.as_numpy("label").ravel()]
         scores = result.as_numpy("score").ravel().tolist()
         json_text = httpclient.InferInput("text", [1, 1], "BYTES")
         json_text.set_data_from_numpy(np.array([[TEXTS[0]]], dtype=object), binary_data=False)
-        plain = client.infer("sentiment", [json_text], headers=headers)  # JSON in, JSON out
+        plain = client.infer("sentiment", [json_text], headers=dict(headers))  # JSON in, JSON out
         with pytest.raises(InferenceServerException) as refused:
             client.infer("sentiment", [text])  # no key
     finally:
