@@ -55,6 +55,9 @@ class Settings:
     rate_limit: str | None = None
     redis_url: str | None = field(default=None, repr=False)
     log_format: str = "text"
+    grpc_port: int = 0  # unset (0): no gRPC; set, the Open Inference Protocol over gRPC on this port too
+    cache_bytes: int = 0  # batched server: the answer cache's LRU bound; 0 = off
+    cache_ttl_s: float = 3600.0  # with REDIS_URL: how long answers are shared through Redis
     # The batched server's engine process (README "Configuration"; not in the spec's table).
     engine_socket: str = ""  # its IPC socket path; "" = one per server (all its workers share it)
     engine_threads: int = 0  # the model's intra-op threads; 0 = chosen per engine from the core count
@@ -101,6 +104,9 @@ class Settings:
             parse_cpus(self.engine_cpus)
         except ValueError as exc:
             raise SettingsError(f"ENGINE_CPUS: {exc}") from None
+        _check(0 <= self.grpc_port <= 65535, "GRPC_PORT", f"must be a port (1-65535), got {self.grpc_port}")
+        _check(self.cache_bytes >= 0, "CACHE_BYTES", f"must be >= 0 (0: off), got {self.cache_bytes}")
+        _check(self.cache_ttl_s > 0, "CACHE_TTL_S", f"must be > 0, got {self.cache_ttl_s}")
         _check(self.max_wait_ms >= 0, "MAX_WAIT_MS", f"must be >= 0, got {self.max_wait_ms}")
         _check(self.request_timeout_ms > 0, "REQUEST_TIMEOUT_MS", f"must be > 0, got {self.request_timeout_ms}")
         _check(all(k.strip() for k in self.api_keys), "API_KEYS", "must not contain empty keys")
