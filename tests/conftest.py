@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
 
+import batched_server
 from serving.model import standin_tokenizer_dir
 from serving.settings import Settings
 
@@ -49,10 +50,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
-@pytest.fixture
-def settings(tiny_model_dir: str) -> Settings:
+@pytest.fixture(scope="session")
+def tiny_settings(tiny_model_dir: str) -> Settings:
     # fp32 pinned: DTYPE=auto is bf16 on AMX CPUs, and these tests hold fp32's tolerances on any CPU
     return Settings(model_id=tiny_model_dir, model_fallback=False, device="cpu", dtype="fp32")
+
+
+@pytest.fixture
+def settings(tiny_settings: Settings) -> Settings:
+    return tiny_settings  # frozen: a test that needs others makes them with .replace()
 
 
 @asynccontextmanager
@@ -62,6 +68,20 @@ async def serving(app) -> AsyncIterator[httpx.AsyncClient]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
             yield client
+
+
+@pytest.fixture(scope="module")
+async def attached_settings(
+    tiny_settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Settings]:
+    """tiny_settings whose batched apps attach to one engine that an app of this fixture owns for the module.
+
+    For tests that vary only what a front end decides (keys, limits, logs, validation): starting an
+    engine process costs seconds, attaching a front end to a running one (as `--workers N` do) does not.
+    """
+    s = tiny_settings.replace(engine_socket=str(tmp_path_factory.mktemp("engine") / "engine.sock"))
+    async with serving(batched_server.create_app(s)):
+        yield s
 
 
 class StubModel:

@@ -39,8 +39,8 @@ def compose() -> dict:
 
 
 @pytest.mark.anyio
-async def test_dashboard_queries_only_metrics_the_servers_export(settings: Settings) -> None:
-    async with serving(batched_server.create_app(settings)) as client:
+async def test_dashboard_queries_only_metrics_the_servers_export(attached_settings: Settings) -> None:
+    async with serving(batched_server.create_app(attached_settings)) as client:
         await client.post("/predict", json={"text": "I loved it"})
         exported = metric_names((await client.get("/metrics")).text)
     dashboard = json.loads(DASHBOARD.read_text())

@@ -306,9 +306,9 @@ async def _streamed(total: int, chunk: int = 64 * 1024):
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("kind", list(SERVERS))
-async def test_malformed_requests_get_the_spec_status_as_json(kind: str, settings: Settings) -> None:
+async def test_malformed_requests_get_the_spec_status_as_json(kind: str, attached_settings: Settings) -> None:
     wrong: list[str] = []
-    async with serving(SERVERS[kind].create_app(settings)) as client:
+    async with serving(SERVERS[kind].create_app(attached_settings)) as client:
         answers = [
             (name, status, await client.post(path, content=body, headers=headers))
             for name, path, body, headers, status in BATTERY

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import AsyncIterator
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 import batched_server
@@ -21,60 +24,74 @@ pytestmark = pytest.mark.anyio
 SERVERS = {"naive": naive_server.create_app, "batched": batched_server.create_app}
 
 
-@pytest.fixture(params=["naive", "batched"])
+@pytest.fixture(scope="module", params=["naive", "batched"])
 def kind(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-async def test_predict_answers_per_the_contract(kind: str, settings: Settings) -> None:
-    async with serving(SERVERS[kind](settings)) as c:
-        r = await c.post("/predict", json={"text": "I loved it"})
-        assert r.status_code == 200
-        body = r.json()
-        assert body["label"] in ("POSITIVE", "NEGATIVE") and 0.5 <= body["score"] <= 1.0
-        assert body["latency_ms"] > 0
-        assert ("batch_size" in body) == (kind == "batched")
-        if kind == "batched":
-            assert body["batch_size"] == 1 and r.headers["x-batch-size"] == "1"
-            assert {"queue", "tokenize", "infer"} <= {
-                p.split(";")[0].strip() for p in r.headers["server-timing"].split(",")
-            }
+@pytest.fixture(scope="module")
+async def client(kind: str, attached_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """One server per kind for the tests that need no settings of their own (each start costs seconds)."""
+    async with serving(SERVERS[kind](attached_settings)) as c:
+        yield c
 
 
-async def test_batch_endpoint_keeps_input_order(kind: str, settings: Settings) -> None:
+def counted(metrics: str, endpoint: str, status: str) -> float:
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if sample.name == "sentimentalyzer_requests_total" and sample.labels == {
+                "endpoint": endpoint,
+                "status": status,
+            }:
+                return sample.value
+    return 0.0
+
+
+async def test_predict_answers_per_the_contract(kind: str, client: httpx.AsyncClient) -> None:
+    r = await client.post("/predict", json={"text": "I loved it"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["label"] in ("POSITIVE", "NEGATIVE") and 0.5 <= body["score"] <= 1.0
+    assert body["latency_ms"] > 0
+    assert ("batch_size" in body) == (kind == "batched")
+    if kind == "batched":
+        assert body["batch_size"] == 1 and r.headers["x-batch-size"] == "1"
+        assert {"queue", "tokenize", "infer"} <= {
+            p.split(";")[0].strip() for p in r.headers["server-timing"].split(",")
+        }
+
+
+async def test_batch_endpoint_keeps_input_order(kind: str, client: httpx.AsyncClient) -> None:
     texts = ["great", "awful " * 50, "fine 🙂", "x"]
-    async with serving(SERVERS[kind](settings)) as c:
-        singles = [(await c.post("/predict", json={"text": t})).json() for t in texts]
-        r = await c.post("/predict/batch", json={"texts": texts})
-        assert r.status_code == 200
-        preds = r.json()["predictions"]
-        assert [p["label"] for p in preds] == [s["label"] for s in singles]
-        assert [p["score"] for p in preds] == pytest.approx([s["score"] for s in singles], abs=1e-4)
-        assert r.json()["latency_ms"] > 0
+    singles = [(await client.post("/predict", json={"text": t})).json() for t in texts]
+    r = await client.post("/predict/batch", json={"texts": texts})
+    assert r.status_code == 200
+    preds = r.json()["predictions"]
+    assert [p["label"] for p in preds] == [s["label"] for s in singles]
+    assert [p["score"] for p in preds] == pytest.approx([s["score"] for s in singles], abs=1e-4)
+    assert r.json()["latency_ms"] > 0
 
 
-async def test_health_ready_and_metrics(kind: str, settings: Settings) -> None:
-    async with serving(SERVERS[kind](settings)) as c:
-        assert (await c.get("/health")).json() == {"status": "ok"}
-        ready = (await c.get("/ready")).json()
-        assert ready["model_source"] == "local" and ready["device"] == "cpu" and ready["dtype"] == "fp32"
-        assert ready["model_id"] == settings.model_id
-        if kind == "batched":
-            assert ready["batching"]["max_batch_size"] == settings.max_batch_size
-            assert ready["batching"]["max_wait_ms"] == settings.max_wait_ms
-        await c.post("/predict", json={"text": "a b c d"})
-        metrics = (await c.get("/metrics")).text
-        assert 'sentimentalyzer_requests_total{endpoint="/predict",status="200"} 1.0' in metrics
-        assert "sentimentalyzer_request_latency_seconds_bucket" in metrics
-        for name in ("batch_size", "queue_wait_seconds", "queue_depth", "padding_efficiency"):
-            assert f"sentimentalyzer_{name}" in metrics
-        if kind == "batched":  # observed only behind a queue (results/overload shows it filled)
-            assert "sentimentalyzer_admission_prediction_ratio_count 0.0" in metrics
+async def test_health_ready_and_metrics(kind: str, client: httpx.AsyncClient, attached_settings: Settings) -> None:
+    assert (await client.get("/health")).json() == {"status": "ok"}
+    ready = (await client.get("/ready")).json()
+    assert ready["model_source"] == "local" and ready["device"] == "cpu" and ready["dtype"] == "fp32"
+    assert ready["model_id"] == attached_settings.model_id
+    if kind == "batched":
+        assert ready["batching"]["max_batch_size"] == attached_settings.max_batch_size
+        assert ready["batching"]["max_wait_ms"] == attached_settings.max_wait_ms
+    before = counted((await client.get("/metrics")).text, "/predict", "200")
+    await client.post("/predict", json={"text": "a b c d"})
+    metrics = (await client.get("/metrics")).text
+    assert counted(metrics, "/predict", "200") == before + 1
+    assert "sentimentalyzer_request_latency_seconds_bucket" in metrics
+    for name in ("batch_size", "queue_wait_seconds", "queue_depth", "padding_efficiency"):
+        assert f"sentimentalyzer_{name}" in metrics
+    if kind == "batched":  # observed only behind a queue (results/overload shows it filled)
+        assert "sentimentalyzer_admission_prediction_ratio_count " in metrics
 
 
 async def test_ready_is_503_outside_the_lifespan(kind: str, settings: Settings) -> None:
-    import httpx
-
     app = SERVERS[kind](settings)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         assert (await c.get("/health")).status_code == 200
@@ -95,15 +112,14 @@ BAD_BODIES = [
 
 
 @pytest.mark.parametrize("body,why", BAD_BODIES, ids=[w for _, w in BAD_BODIES])
-async def test_client_errors_are_422_json(kind: str, settings: Settings, body: bytes, why: str) -> None:
-    async with serving(SERVERS[kind](settings)) as c:
-        r = await c.post("/predict", content=body, headers={"content-type": "application/json"})
-        assert r.status_code == 422, why
-        assert "detail" in r.json()
+async def test_client_errors_are_422_json(kind: str, client: httpx.AsyncClient, body: bytes, why: str) -> None:
+    r = await client.post("/predict", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, why
+    assert "detail" in r.json()
 
 
-async def test_limits_from_settings(kind: str, settings: Settings) -> None:
-    s = settings.replace(max_text_chars=20, max_batch_items=3)
+async def test_limits_from_settings(kind: str, attached_settings: Settings) -> None:
+    s = attached_settings.replace(max_text_chars=20, max_batch_items=3)
     async with serving(SERVERS[kind](s)) as c:
         assert (await c.post("/predict", json={"text": "x" * 21})).status_code == 422
         assert (await c.post("/predict", json={"text": "x" * 20})).status_code == 200
@@ -114,24 +130,22 @@ async def test_limits_from_settings(kind: str, settings: Settings) -> None:
         assert (await c.post("/predict/batch", json={"texts": ["a"] * 3})).status_code == 200
 
 
-async def test_body_over_1_mib_is_413_json(kind: str, settings: Settings) -> None:
+async def test_body_over_1_mib_is_413_json(kind: str, client: httpx.AsyncClient) -> None:
     big = json.dumps({"text": "a" * (1 << 20)}).encode()
-    async with serving(SERVERS[kind](settings)) as c:
-        r = await c.post("/predict", content=big, headers={"content-type": "application/json"})
-        assert r.status_code == 413 and "detail" in r.json()
+    r = await client.post("/predict", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "detail" in r.json()
 
-        async def chunks():  # no Content-Length: counted while streamed
-            for _ in range(20):
-                yield b"a" * 65536
+    async def chunks():  # no Content-Length: counted while streamed
+        for _ in range(20):
+            yield b"a" * 65536
 
-        r = await c.post("/predict", content=chunks(), headers={"content-type": "application/json"})
-        assert r.status_code == 413 and "detail" in r.json()
+    r = await client.post("/predict", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "detail" in r.json()
 
 
-async def test_texts_over_512_tokens_are_truncated_not_rejected(kind: str, settings: Settings) -> None:
-    async with serving(SERVERS[kind](settings)) as c:
-        r = await c.post("/predict", json={"text": "word " * 1500})
-        assert r.status_code == 200
+async def test_texts_over_512_tokens_are_truncated_not_rejected(kind: str, client: httpx.AsyncClient) -> None:
+    r = await client.post("/predict", json={"text": "word " * 1500})
+    assert r.status_code == 200
 
 
 @pytest.mark.parametrize("mode", ["threadpool", "blocking", "on-demand"])

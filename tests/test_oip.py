@@ -53,8 +53,8 @@ def binary_body(texts: list[str]) -> tuple[bytes, dict[str, str]]:
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("kind", APPS)
-async def test_infer_answers_what_predict_answers(settings: Settings, kind: str) -> None:
-    async with serving(APPS[kind](settings)) as client:
+async def test_infer_answers_what_predict_answers(attached_settings: Settings, kind: str) -> None:
+    async with serving(APPS[kind](attached_settings)) as client:
         assert (await client.get("/v2/health/live")).json() == {"live": True}
         assert (await client.get("/v2/health/ready")).json() == {"ready": True}
         assert (await client.get("/v2/models/sentiment/ready")).json() == {"name": "sentiment", "ready": True}
@@ -99,8 +99,8 @@ BAD = [  # (body, what the error names): every one a 422 in the protocol's form
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("kind", APPS)
-async def test_every_error_is_in_the_protocols_form(settings: Settings, kind: str) -> None:
-    keyed = settings.replace(api_keys=("k1",))
+async def test_every_error_is_in_the_protocols_form(attached_settings: Settings, kind: str) -> None:
+    keyed = attached_settings.replace(api_keys=("k1",))
     async with serving(APPS[kind](keyed)) as client:
         auth = {"X-API-Key": "k1"}
         for bad, names in BAD:

@@ -50,8 +50,8 @@ def metric_names(text: str) -> set[str]:
 
 
 @pytest.mark.parametrize("server", [batched_server, naive_server])
-async def test_metrics_count_requests_by_endpoint_and_status(server, settings: Settings) -> None:
-    async with serving(server.create_app(settings)) as client:
+async def test_metrics_count_requests_by_endpoint_and_status(server, attached_settings: Settings) -> None:
+    async with serving(server.create_app(attached_settings)) as client:
         for _ in range(3):
             assert (await client.post("/predict", json=GOOD)).status_code == 200
         assert (await client.post("/predict/batch", json={"texts": ["a", "b c d"]})).status_code == 200
@@ -84,8 +84,8 @@ async def test_metrics_count_requests_by_endpoint_and_status(server, settings: S
         assert sample(m, "sentimentalyzer_compute_seconds_count") >= 1
 
 
-async def test_batched_answers_carry_batch_size_timing_and_request_id(settings: Settings) -> None:
-    async with serving(batched_server.create_app(settings)) as client:
+async def test_batched_answers_carry_batch_size_timing_and_request_id(attached_settings: Settings) -> None:
+    async with serving(batched_server.create_app(attached_settings)) as client:
         generated = await client.post("/predict", json=GOOD)
         echoed = await client.post("/predict", json=GOOD, headers={"X-Request-ID": "order-42.a:b"})
         replaced = await client.post("/predict", json=GOOD, headers={"X-Request-ID": "bad id\twith tab"})
@@ -99,9 +99,9 @@ async def test_batched_answers_carry_batch_size_timing_and_request_id(settings: 
 
 @pytest.mark.parametrize("log_format", ["json", "text"])
 async def test_one_log_line_per_request_carrying_its_id(
-    log_format: str, settings: Settings, capsys: pytest.CaptureFixture[str]
+    log_format: str, attached_settings: Settings, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    app = batched_server.create_app(settings.replace(log_format=log_format, api_keys=(KEY,)))
+    app = batched_server.create_app(attached_settings.replace(log_format=log_format, api_keys=(KEY,)))
     async with serving(app) as client:
         capsys.readouterr()
         await client.post("/predict", json=GOOD, headers={"X-Request-ID": "rid-ok", "X-API-Key": KEY})
@@ -135,8 +135,8 @@ def auth_cases() -> list[tuple[dict[str, str], int]]:
     ]
 
 
-async def test_api_keys_guard_every_endpoint_but_probes(settings: Settings) -> None:
-    app = batched_server.create_app(settings.replace(api_keys=(KEY, "other-key")))
+async def test_api_keys_guard_every_endpoint_but_probes(attached_settings: Settings) -> None:
+    app = batched_server.create_app(attached_settings.replace(api_keys=(KEY, "other-key")))
     async with serving(app) as client:
         for headers, status in auth_cases():
             response = await client.post("/predict", json=GOOD, headers=headers)
@@ -150,8 +150,8 @@ async def test_api_keys_guard_every_endpoint_but_probes(settings: Settings) -> N
         assert (await client.get("/ready")).status_code == 200
 
 
-async def test_rate_limit_per_key_answers_429_with_retry_after(settings: Settings) -> None:
-    app = batched_server.create_app(settings.replace(api_keys=(KEY, "other-key"), rate_limit="3/minute"))
+async def test_rate_limit_per_key_answers_429_with_retry_after(attached_settings: Settings) -> None:
+    app = batched_server.create_app(attached_settings.replace(api_keys=(KEY, "other-key"), rate_limit="3/minute"))
     async with serving(app) as client:
         statuses = [
             (await client.post("/predict", json=GOOD, headers={"X-API-Key": KEY})).status_code for _ in range(4)
@@ -166,8 +166,8 @@ async def test_rate_limit_per_key_answers_429_with_retry_after(settings: Setting
     assert other.status_code == 200 and probes == [200] * 5
 
 
-async def test_without_keys_the_limit_is_per_client_address(settings: Settings) -> None:
-    app = batched_server.create_app(settings.replace(rate_limit="2/s"))
+async def test_without_keys_the_limit_is_per_client_address(attached_settings: Settings) -> None:
+    app = batched_server.create_app(attached_settings.replace(rate_limit="2/s"))
     async with app.router.lifespan_context(app):
 
         async def statuses(address: str) -> list[int]:
@@ -180,10 +180,10 @@ async def test_without_keys_the_limit_is_per_client_address(settings: Settings) 
 
 
 async def test_unreachable_redis_falls_back_to_limits_per_process(
-    settings: Settings, capsys: pytest.CaptureFixture[str]
+    attached_settings: Settings, capsys: pytest.CaptureFixture[str]
 ) -> None:
     closed = "redis://127.0.0.1:1/0"  # port 1: connection refused at once
-    app = batched_server.create_app(settings.replace(rate_limit="2/minute", redis_url=closed))
+    app = batched_server.create_app(attached_settings.replace(rate_limit="2/minute", redis_url=closed))
     async with serving(app) as client:
         capsys.readouterr()
         statuses = [(await client.post("/predict", json=GOOD)).status_code for _ in range(3)]
