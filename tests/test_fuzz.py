@@ -24,11 +24,11 @@ from contextlib import contextmanager
 
 import httpx
 import pytest
+import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
-from schemathesis.python import asgi
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
 
 import batched_server
@@ -37,6 +37,7 @@ from batcher import DeadlineExceeded, DynamicBatcher, QueueFull
 from serving.model import plan_groups
 from serving.settings import Settings
 from tests.conftest import StubModel, serving
+from tests.processes import start_uvicorn, wait_until_ok
 
 SERVERS = {"batched": batched_server, "naive": naive_server}
 
@@ -216,22 +217,35 @@ def _schema(kind: str) -> schemathesis.BaseSchema:
 
 
 @pytest.fixture(scope="module")
-def asgi_clients(tiny_model_dir: str):
-    """A schemathesis ASGI session per server, lifespan started (model loaded) once for the module."""
-    s = Settings(model_id=tiny_model_dir, model_fallback=False, device="cpu")
-    clients = {kind: asgi.get_client(mod.create_app(s)) for kind, mod in SERVERS.items()}
-    for client in clients.values():
-        client.__enter__()
-    yield clients
-    asgi.shutdown_lifespans()  # stops both batchers' worker threads
+def servers(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Both servers under real uvicorn for the module: one engine start, whatever the number of operations.
+
+    (schemathesis's in-process ASGI client ends every lifespan after each test, one test per operation,
+    and the batched server's lifespan starts an engine process.)"""
+    tmp = tmp_path_factory.mktemp("fuzz")
+    env = {"MODEL_ID": tiny_model_dir, "MODEL_FALLBACK": "0", "DEVICE": "cpu"}
+    procs = {kind: start_uvicorn(kind, tmp, f"{kind}_server:app", env) for kind in SERVERS}
+    try:
+        for proc, url in procs.values():
+            wait_until_ok(proc, f"{url}/ready")
+        yield {kind: url for kind, (_, url) in procs.items()}
+    finally:
+        for proc, _ in procs.values():
+            proc.stop()
 
 
-def _check(case, client) -> None:
-    response = case.call(session=client, base_url=f"http://{asgi.HOST}")
+@pytest.fixture(scope="module")
+def session() -> Iterator[requests.Session]:
+    with requests.Session() as s:
+        yield s
+
+
+def _check(case, base_url: str, session: requests.Session) -> None:
+    response = case.call(base_url=base_url, session=session)
     case.validate_response(response, checks=[not_a_server_error, response_schema_conformance, content_type_conformance])
     if response.status_code >= 400:
         # SPEC: the contract's errors are {"detail": ...}; the Open Inference Protocol's, under /v2, {"error": "..."}
-        key = "error" if case.path.startswith("/v2/") else "detail"
+        key = "error" if case.path.startswith("/v2") else "detail"
         body = response.json()
         assert key in body and len(body) == 1, response.text
 
@@ -241,14 +255,14 @@ BATCHED, NAIVE = _schema("batched"), _schema("naive")
 
 @BATCHED.parametrize()
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-def test_schemathesis_batched(case, asgi_clients) -> None:
-    _check(case, asgi_clients["batched"])
+def test_schemathesis_batched(case, servers: dict[str, str], session: requests.Session) -> None:
+    _check(case, servers["batched"], session)
 
 
 @NAIVE.parametrize()
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-def test_schemathesis_naive(case, asgi_clients) -> None:
-    _check(case, asgi_clients["naive"])
+def test_schemathesis_naive(case, servers: dict[str, str], session: requests.Session) -> None:
+    _check(case, servers["naive"], session)
 
 
 # ------------------------------------------------------------------------------- malformed requests
