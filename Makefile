@@ -1,6 +1,7 @@
 # make bench   the whole naive vs batched comparison into results/ (creates .venv first)
 # make lint    ruff (lint and format check) and mypy on the serving code (what CI runs first)
 # make test    the test suite (what CI runs)
+# make proto   serving/grpc_predict_v2_pb2.py and .pyi from serving/grpc_predict_v2.proto (commit both)
 # make peers   each peer's virtual environment in .peers/ (LitServe, Triton, Ray Serve, BentoML), those missing
 # make bench-peers   the peers beside the batched and naive servers on the three corpora, into results/
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -8,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint format test bench bench-quick bench-gpu peers bench-peers clean
+.PHONY: install lint format proto test bench bench-quick bench-gpu peers bench-peers clean
 
 $(STAMP): requirements.txt requirements-bench.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +28,10 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
+
+# the gRPC messages (serving/grpc_server.py); tests/test_grpc.py fails when the committed code differs
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. serving/grpc_predict_v2.proto
 
 # validators generated from the pinned prometheus-operator and KEDA CRD schemas (tests/test_k8s.py)
 CRD_VALIDATORS := tests/data/crd-validators/node_modules/.package-lock.json

@@ -32,6 +32,7 @@ from serving import wire
 from serving.api import ApiError
 from serving.engine_client import EngineClient, EngineError
 from serving.model import Prediction, TextTokenizer, load_tokenizer, resolve_source
+from serving.oip import client_deadline
 from serving.ops import Observability
 from serving.service import create_app as create_service_app
 from serving.settings import Settings
@@ -72,6 +73,10 @@ class BatchedService:
         client, tokenizer = self.client, self.tokenizer
         assert client is not None and tokenizer is not None  # routed only once ready
         arrived = time.monotonic()  # REQUEST_TIMEOUT_MS counts from here: tokenizing is part of it
+        deadline = client_deadline(request)
+        if deadline is not None:  # a gRPC deadline shorter than REQUEST_TIMEOUT_MS is the request's: the
+            # engine's admission and expiry count REQUEST_TIMEOUT_MS from `arrived`, so arrival moves back
+            arrived = min(arrived, deadline - self.settings.request_timeout_s)
         t0 = time.perf_counter()
         ids = await asyncio.get_running_loop().run_in_executor(self._tokenizer, tokenizer, texts)
         submitted = time.perf_counter()

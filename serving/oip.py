@@ -11,13 +11,14 @@
     result = client.infer("sentiment", [text])
     result.as_numpy("label"), result.as_numpy("score")       # [[b"POSITIVE"], ...], [[0.998], ...]
 
-Routes: GET /v2/health/live, /v2/health/ready, /v2/models/sentiment, /v2/models/sentiment/ready and POST
-/v2/models/sentiment/infer, with input `text` (BYTES, shape [N, 1]) and outputs `label` (BYTES) and
-`score` (FP32), each [N, 1]: the Triton peer's signature, so one client drives both. The body is JSON,
-or JSON followed by binary tensors (the binary tensor data extension that tritonclient uses by default:
-`Inference-Header-Content-Length` gives the JSON's length; BYTES elements are 4-byte little-endian
-lengths, each followed by its bytes). Requests go through the same Service as /predict: the same keys,
-rate limits, validation limits, batcher, admission and deadlines; errors keep their statuses.
+Routes: GET /v2 (server metadata), /v2/health/live, /v2/health/ready, /v2/models/sentiment,
+/v2/models/sentiment/ready and POST /v2/models/sentiment/infer, with input `text` (BYTES, shape [N, 1])
+and outputs `label` (BYTES) and `score` (FP32), each [N, 1]: the Triton peer's signature, so one client
+drives both. The body is JSON, or JSON followed by binary tensors (the binary tensor data extension
+that tritonclient uses by default: `Inference-Header-Content-Length` gives the JSON's length; BYTES
+elements are 4-byte little-endian lengths, each followed by its bytes). Requests go through the same
+Service as /predict: the same keys, rate limits, validation limits, batcher, admission and deadlines;
+errors keep their statuses. The protocol over gRPC (serving/grpc_server.py) is served by these routes.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ MODEL = "sentiment"
 VERSION = "1"
 HEADER_LENGTH = "inference-header-content-length"
 OUTPUTS = {"label": "BYTES", "score": "FP32"}
+GRPC_EXTENSION = "sentimentalyzer.grpc"  # the scope extension a forwarded gRPC call carries
+SERVER = {"name": "sentimentalyzer", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
 
 
 def metadata(platform: str) -> dict[str, Any]:
@@ -51,6 +54,20 @@ def metadata(platform: str) -> dict[str, Any]:
 
 def invalid(message: str) -> ApiError:
     return ApiError(422, message)
+
+
+def from_grpc(request: Request) -> dict[str, Any]:
+    """What serving/grpc_server.py put in the scope of a call it forwards ({} for HTTP requests):
+    `deadline`, the client's gRPC deadline (time.monotonic()), and `invalid`, why its tensors could not
+    be forwarded (refused here, after the keys and limits, like any other bad input)."""
+    extension: dict[str, Any] = request.scope.get("extensions", {}).get(GRPC_EXTENSION, {})
+    return extension
+
+
+def client_deadline(request: Request) -> float | None:
+    """The request's own deadline (time.monotonic()), where its protocol carries one (gRPC)."""
+    deadline = from_grpc(request).get("deadline")
+    return float(deadline) if deadline is not None else None
 
 
 def parse_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
@@ -165,6 +182,10 @@ def add_v2_routes(app: FastAPI) -> None:
         service = request.app.state.service
         return service is not None and service.ready()
 
+    @app.get("/v2")
+    async def server_metadata() -> dict[str, Any]:
+        return SERVER
+
     @app.get("/v2/health/live")
     async def live() -> dict[str, bool]:
         return {"live": True}
@@ -186,6 +207,8 @@ def add_v2_routes(app: FastAPI) -> None:
     async def infer(request: Request) -> Response:
         started = time.perf_counter()
         settings = require_ready(request)
+        if problem := from_grpc(request).get("invalid"):
+            raise invalid(problem)
         body, binary = parse_request(await request.body(), request.headers.get(HEADER_LENGTH))
         texts = read_texts(body, binary)
         requested(body)  # a bad `outputs` is refused before the model runs
@@ -206,7 +229,7 @@ class V2Errors:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v2/"):
+        if scope["type"] != "http" or not (scope["path"] == "/v2" or scope["path"].startswith("/v2/")):
             return await self.app(scope, receive, send)
         start: Message | None = None
         chunks: list[bytes] = []

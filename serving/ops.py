@@ -45,6 +45,7 @@ _KNOWN_PATHS = {
     "/health",
     "/ready",
     "/metrics",
+    "/v2",
     "/v2/health/live",
     "/v2/health/ready",
     "/v2/models/sentiment",
@@ -156,6 +157,14 @@ class Observability:
         self.ratelimit_fallbacks = Counter(
             "ratelimit_fallback",
             "rate-limit decisions made in-process because the shared store (REDIS_URL) was unreachable",
+            namespace=ns,
+            registry=r,
+        )
+        self.grpc_requests = Counter(
+            "grpc_requests",
+            "gRPC calls (GRPC_PORT) by method and status code; each is also counted under the HTTP route it "
+            "is served by (requests, request_latency_seconds)",
+            ["method", "code"],
             namespace=ns,
             registry=r,
         )

@@ -7,8 +7,10 @@
 A Service is built in the app's lifespan from the settings and the app's metrics, then `start`ed
 (load, warm up, start workers); /ready asks `ready()` and shows `describe()`; POST /predict and
 /predict/batch validate the body, then await `predict(request, texts)`; on shutdown `stop()` runs
-after uvicorn has stopped accepting (the batched one finishes everything queued). The routes exist
-once, here: a server module holds only what makes it different.
+after uvicorn has stopped accepting (the batched one finishes everything queued). With GRPC_PORT set,
+the lifespan also serves the Open Inference Protocol over gRPC (serving/grpc_server.py) while the
+Service runs, through this same app. The routes exist once, here: a server module holds only what
+makes it different.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Protocol
 
 from fastapi import FastAPI, Request, Response
 
+from serving import grpc_server
 from serving.api import (
     BatchedPredictResponse,
     BatchRequest,
@@ -59,14 +62,20 @@ def create_app(kind: str, service_of: Callable[[Settings, Observability], Servic
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = service_of(app.state.settings, app.state.obs)
+        current: Settings = app.state.settings
+        service = service_of(current, app.state.obs)
         await service.start()
         app.state.service = service
-        app.state.obs.ready.set(1)
+        grpc = None
         try:
+            if current.grpc_port:  # an adapter onto this very app: its calls pass the same middleware
+                grpc = await grpc_server.start(app, current.grpc_port, app.state.obs)
+            app.state.obs.ready.set(1)
             yield
         finally:
             app.state.obs.ready.set(0)
+            if grpc is not None:  # calls in flight finish (bounded like a request), before the model goes
+                await grpc_server.stop(grpc, current.request_timeout_s + 1.0)
             await service.stop()
 
     app = build_app(kind, lifespan, settings)

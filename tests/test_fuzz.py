@@ -245,7 +245,7 @@ def _check(case, base_url: str, session: requests.Session) -> None:
     case.validate_response(response, checks=[not_a_server_error, response_schema_conformance, content_type_conformance])
     if response.status_code >= 400:
         # SPEC: the contract's errors are {"detail": ...}; the Open Inference Protocol's, under /v2, {"error": "..."}
-        key = "error" if case.path.startswith("/v2") else "detail"
+        key = "error" if case.path == "/v2" or case.path.startswith("/v2/") else "detail"
         body = response.json()
         assert key in body and len(body) == 1, response.text
 
