@@ -115,6 +115,20 @@ def git_state() -> dict[str, Any]:
     }
 
 
+# the settings a run's numbers depend on, when taken from the environment (CACHE_BYTES: the answer cache)
+RECORDED_ENV = (
+    "MODEL_ID",
+    "DEVICE",
+    "BACKEND",
+    "DTYPE",
+    "PACKING",
+    "MAX_WAIT_MS",
+    "MAX_BATCH_SIZE",
+    "BATCH_POLICY",
+    "CACHE_BYTES",
+)
+
+
 def environment(run: dict[str, Any], limit: dict[str, Any] | None, servers: dict[str, Any]) -> dict[str, Any]:
     """environment.json: run (profile, corpus, settings) plus device, model, versions, git, date, command."""
     model_ready = next((r for n, r in servers.items() if n.startswith(("batched", "naive")) and "error" not in r), {})
@@ -136,12 +150,7 @@ def environment(run: dict[str, Any], limit: dict[str, Any] | None, servers: dict
         "python": platform.python_version(),
         "versions": versions("torch", "transformers", "onnxruntime", "onnx", "fastapi", "uvicorn", "locust"),
         **git_state(),
-        "env": {
-            k: v
-            for k, v in os.environ.items()
-            if k
-            in ("MODEL_ID", "DEVICE", "BACKEND", "DTYPE", "PACKING", "MAX_WAIT_MS", "MAX_BATCH_SIZE", "BATCH_POLICY")
-        },
+        "env": {k: v for k, v in os.environ.items() if k in RECORDED_ENV},
         "model_limit": limit,
         "servers": servers,
     }

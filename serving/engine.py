@@ -52,6 +52,7 @@ class Prediction:
     tokenize_ms: float = 0.0  # the tokenization of the call (or of the request, batched server)
     infer_ms: float = 0.0  # this item's forward pass
     queue_ms: float = 0.0  # time queued before its batch started (batched server)
+    cache: str = ""  # batched server with CACHE_BYTES (serving/cache.py): miss, hit or coalesced; "" = no cache
 
 
 @dataclass(frozen=True, slots=True)

@@ -115,7 +115,7 @@ class RedisLimiter:
         )
         self.script = self.client.register_script(_SLIDING_LOG_LUA)
         self.fallback = LocalLimiter(limit, window_s)
-        self.obs, self.down_until, self.where = obs, 0.0, _redacted(url)
+        self.obs, self.down_until, self.where = obs, 0.0, redacted_url(url)
 
     async def acquire(self, identity: str) -> float:
         now = time.monotonic()
@@ -240,7 +240,7 @@ def _digest(key: bytes) -> bytes:
     return hashlib.sha256(key).digest()
 
 
-def _redacted(url: str) -> str:
+def redacted_url(url: str) -> str:
     """The Redis URL for logs, without a password."""
     scheme, sep, rest = url.partition("://")
     return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else url

@@ -265,18 +265,23 @@ def load_concrete(settings: Settings, source: Source) -> Engine:
         "dtype": dtype,
         "fallback_reason": source.fallback_reason,
     }
+    # Hashing every tensor costs ~0.3 s at DistilBERT's size: done where something keys on the weights
+    # (the ONNX and OpenVINO file caches; the batched server's answer cache, CACHE_BYTES).
+    key = weights_key(source, model) if settings.backend != "torch" or settings.cache_bytes else ""
+    if key:
+        info["weights"] = key
     if settings.backend == "onnx":
         from serving.onnx_runner import load_onnx_runner, require_onnxruntime
 
         require_onnxruntime()
         # no spinning between ops: the worker thread shares the cores with the event loop and tokenizer
-        runner = load_onnx_runner(model, weights_key(source, model), dtype, device, cache_dir() / "onnx", spin=False)
+        runner = load_onnx_runner(model, key, dtype, device, cache_dir() / "onnx", spin=False)
         info.update({k: v for k, v in runner.describe().items() if k != "backend"})
         return Engine(tokenizer, model, runner, settings, info, device=device, source=source)
     if settings.backend == "openvino":
         from serving.openvino_runner import load_openvino_runner
 
-        ov = load_openvino_runner(model, weights_key(source, model), dtype, tokenizer, cache_dir(), cpu_flags())
+        ov = load_openvino_runner(model, key, dtype, tokenizer, cache_dir(), cpu_flags())
         info.update({k: v for k, v in ov.describe().items() if k != "backend"})
         return Engine(tokenizer, model, ov, settings, info, device=device, source=source)
     model = model.to(device=device, dtype=_DTYPES[dtype])  # type: ignore[call-arg]  # HF wraps .to

@@ -188,6 +188,46 @@ class Observability:
                 registry=r,
                 buckets=HOP_BUCKETS,
             )
+            self._add_cache_metrics(r)
+
+    def _add_cache_metrics(self, r: CollectorRegistry | None) -> None:
+        """The answer cache's (serving/cache.py, CACHE_BYTES): counted per text, in each front end."""
+        ns = "sentimentalyzer"
+        self.cache_hits = Counter(
+            "cache_hits",
+            "texts answered from the answer cache, by store: local (this front end's LRU) or redis (REDIS_URL)",
+            ["store"],
+            namespace=ns,
+            registry=r,
+        )
+        self.cache_misses = Counter(
+            "cache_misses", "texts the answer cache sent to the engine", namespace=ns, registry=r
+        )
+        self.cache_coalesced = Counter(
+            "cache_coalesced",
+            "texts answered by the computation of an identical text already queued or computing",
+            namespace=ns,
+            registry=r,
+        )
+        self.cache_bytes = Gauge(
+            "cache_bytes",
+            "bytes the answer cache's LRU holds, its table and objects counted (summed over front ends)",
+            namespace=ns,
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.cache_redis_errors = Counter(
+            "cache_redis_errors",
+            "answer-cache calls to Redis (REDIS_URL) that failed or timed out, by op: get, set; the cache's "
+            "Redis is then bypassed for a few seconds",
+            ["op"],
+            namespace=ns,
+            registry=r,
+        )
+        for store in ("local", "redis"):  # every series exported from the start, at 0
+            self.cache_hits.labels(store)
+        for op in ("get", "set"):
+            self.cache_redis_errors.labels(op)
 
     def observe_pass(self, items: int, real_tokens: int, computed_tokens: int) -> None:
         """One forward pass, on the naive server (the batched server's engine observes its own)."""

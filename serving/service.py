@@ -9,13 +9,16 @@ A Service is built in the app's lifespan from the settings and the app's metrics
 /predict/batch validate the body, then await `predict(request, texts)`; on shutdown `stop()` runs
 after uvicorn has stopped accepting (the batched one finishes everything queued). With GRPC_PORT set,
 the lifespan also serves the Open Inference Protocol over gRPC (serving/grpc_server.py) while the
-Service runs, through this same app. The routes exist once, here: a server module holds only what
-makes it different.
+Service runs, through this same app. Predictions that went through the batched server's answer cache
+say so: /predict answers `X-Cache: miss|hit|coalesced` and /predict/batch `X-Cache: hit=H, miss=M,
+coalesced=C` (no header with the cache off). The routes exist once, here: a server module holds only
+what makes it different.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Protocol
@@ -91,17 +94,22 @@ def create_app(kind: str, service_of: Callable[[Settings, Observability], Servic
         latency_ms = (time.perf_counter() - started) * 1000
         if not batched:
             return PredictResponse(label=p.label, score=p.score, latency_ms=latency_ms)
-        response.headers["X-Batch-Size"] = str(p.batch_size)
+        response.headers["X-Batch-Size"] = str(p.batch_size)  # 0 for a cache hit: no pass served it
+        if p.cache:  # the answer cache is on (CACHE_BYTES): miss, hit or coalesced
+            response.headers["X-Cache"] = p.cache
         response.headers["Server-Timing"] = (
             f"queue;dur={p.queue_ms:.2f}, tokenize;dur={p.tokenize_ms:.2f}, infer;dur={p.infer_ms:.2f}"
         )
         return BatchedPredictResponse(label=p.label, score=p.score, batch_size=p.batch_size, latency_ms=latency_ms)
 
     @app.post("/predict/batch")
-    async def predict_batch(body: BatchRequest, request: Request) -> BatchResponse:
+    async def predict_batch(body: BatchRequest, request: Request, response: Response) -> BatchResponse:
         started = time.perf_counter()
         check_texts(require_ready(request), body.texts, batch=True)
         preds = await request.app.state.service.predict(request, body.texts)
+        if preds and preds[0].cache:
+            counts = Counter(p.cache for p in preds)
+            response.headers["X-Cache"] = ", ".join(f"{k}={counts[k]}" for k in ("hit", "miss", "coalesced"))
         return BatchResponse(
             predictions=[Label(label=p.label, score=p.score) for p in preds],
             latency_ms=(time.perf_counter() - started) * 1000,

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+import redis
 import torch
 from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
 
@@ -48,6 +49,34 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(standin_tokenizer_dir()).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server of the module's own, on a free port (skips, naming the package, without one)."""
+    from tests.processes import free_port, need, start
+
+    binary = need("redis-server", "redis-server")
+    port = free_port()
+    proc = start(
+        "redis",
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        tmp_path_factory.mktemp("redis"),
+    )
+    client = redis.Redis(port=port, socket_timeout=1)
+    try:
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.1)
+        else:
+            pytest.fail(f"redis-server did not answer:\n{proc.text()}")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        client.close()
+        proc.stop()
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,6 @@ import re
 import shutil
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry, multiprocess
 
-from tests.processes import Proc, eventually, free_port, need, start, start_nginx, start_uvicorn, wait_until_ok
+from tests.processes import Proc, eventually, start_nginx, start_uvicorn, wait_until_ok
 from tests.test_ops import sample, scrape
 
 KEYS = ("k-metrics", "k-shared", "k-nginx", "k-logs", "k-failover", "k-stub")
@@ -59,31 +58,6 @@ class Cluster:
     b_url: str
     redis_url: str
     tmp: Path
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = need("redis-server", "redis-server")
-    port = free_port()
-    proc = start(
-        "redis",
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        tmp_path_factory.mktemp("redis"),
-    )
-    client = redis.Redis(port=port, socket_timeout=1)
-    try:
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.1)
-        else:
-            pytest.fail(f"redis-server did not answer:\n{proc.text()}")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        client.close()
-        proc.stop()
 
 
 @pytest.fixture(scope="module")
