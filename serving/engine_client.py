@@ -235,7 +235,14 @@ class EngineClient:
         if self._lost_timer is not None:
             self._lost_timer.cancel()
         loop = asyncio.get_running_loop()
-        self._lost_timer = loop.call_later(LOST_AFTER_S, self._lost, f"no heartbeat for {LOST_AFTER_S:.0f} s")
+        self._lost_timer = loop.call_later(LOST_AFTER_S, self._no_heartbeat)
+
+    def _no_heartbeat(self) -> None:
+        # A front end whose own loop was held (a long GC pause, a blocking call, a paused process) runs
+        # this timer before it reads the heartbeats that wait on its socket: those say the engine is alive.
+        if self._sock is not None and int(self._sock.get(zmq.EVENTS)) & zmq.POLLIN:
+            return self._arm_lost_timer()
+        self._lost(f"no heartbeat for {LOST_AFTER_S:.0f} s")
 
     def _lost(self, reason: str) -> None:
         """The engine is dead or stuck: nobody waits for it; the owner kills it (its supervisor then

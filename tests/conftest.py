@@ -99,11 +99,11 @@ async def serving(app) -> AsyncIterator[httpx.AsyncClient]:
             yield client
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 async def attached_settings(
     tiny_settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Settings]:
-    """tiny_settings whose batched apps attach to one engine that an app of this fixture owns for the module.
+    """tiny_settings whose batched apps attach to one engine that an app of this fixture owns for the session.
 
     For tests that vary only what a front end decides (keys, limits, logs, validation): starting an
     engine process costs seconds, attaching a front end to a running one (as `--workers N` do) does not.

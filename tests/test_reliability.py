@@ -28,6 +28,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import batched_server
+from serving.engine_client import LOST_AFTER_S
+from serving.settings import Settings
+from tests.conftest import serving
 from tests.faults import DIE, HANG, RAISE
 from tests.processes import Proc, eventually, free_port, start, wait_until_ok
 
@@ -350,6 +354,16 @@ async def test_front_ends_share_one_engine_and_metrics_appear_once_summed(
     assert len(families) == len(set(families)), "a metric family appears twice in /metrics"
     assert delta(before, after, 'sentimentalyzer_requests_total{endpoint="/predict",status="200"}') == n
     assert delta(before, after, COMPUTED) == n  # the engine's histogram, once, counting both front ends
+
+
+async def test_a_front_end_whose_loop_was_held_keeps_its_engine(attached_settings: Settings) -> None:
+    # Missed heartbeats that wait unread on the socket are the front end's lateness, not the engine's death.
+    async with serving(batched_server.create_app(attached_settings)) as c:
+        engine = (await c.get("/ready")).json()["engine_pid"]
+        time.sleep(LOST_AFTER_S + 0.5)  # the event loop held: no await, no heartbeat read
+        answer = await c.post("/predict", json={"text": "still here"})
+        ready = (await c.get("/ready")).json()
+    assert answer.status_code == 200 and ready["engine_pid"] == engine
 
 
 def test_the_engine_goes_when_its_server_is_killed(tiny_model_dir: str, tmp_path: Path) -> None:
