@@ -8,6 +8,8 @@
     locust -f locustfile.py ... --api-key KEY                      # a server started with API_KEYS
     locust -f locustfile.py ... --protocol kserve                  # KServe v2 (Triton): POST /v2/models/<name>/infer
     locust -f locustfile.py ... --protocol bentoml                 # a batchable BentoML API: POST /classify
+    locust -f locustfile.py ... --protocol grpc --host grpc://127.0.0.1:8081   # ModelInfer on a GRPC_PORT
+    locust -f locustfile.py ... --unique-texts                     # every text numbered: no two requests alike
 
 Closed loop by default: each user sends its next request as soon as the last one is answered
 (`wait_time` 0), so throughput is what the server sustains and latency grows with the queue. With
@@ -26,13 +28,21 @@ text for /predict/batch); anything else is a Locust failure named by what went w
 to `/v2/models/<--kserve-model>/infer` and checks the `label` (BYTES) and `score` (FP32) outputs the
 same way: how the bench drives Triton (harness/peers/triton.py). `--protocol bentoml` swaps in
 BentoMLUser, which posts each text as a list of one to a batchable BentoML API (`--bentoml-api`, default
-/classify) and checks the list of one prediction it returns (harness/peers/bentoml_peer.py). Without
-either, only SentimentUser runs.
+/classify) and checks the list of one prediction it returns (harness/peers/bentoml_peer.py). `--protocol
+grpc` swaps in harness/grpc_user.py's GrpcUser: the Open Inference Protocol's ModelInfer over gRPC at
+--host grpc://HOST:PORT, one [1, 1] BYTES text a call, the same checks on `label` and `score`
+(`--grpc-client raw`, the default, or `triton`). Without any of these, only SentimentUser runs.
+
+`--unique-texts` appends " #<run>-<n>" to every text sent (run: random per process, n: a counter), so no
+two requests carry the same text, however often the corpus comes round: how the bench measures an answer
+cache where nothing repeats (harness/bench.py --cache).
 """
 
 from __future__ import annotations
 
+import itertools
 import random
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +53,8 @@ from locust.user.wait_time import constant_throughput
 LABELS = frozenset({"POSITIVE", "NEGATIVE"})
 DEFAULT_CORPUS = "data/reviews.txt"
 CORPUS: list[str] = []
+UNIQUE: list[bool] = [False]  # --unique-texts, set at init
+_RUN, _COUNT = secrets.token_hex(4), itertools.count(1)  # this process's numbering, for --unique-texts
 
 
 @events.init_command_line_parser.add_listener
@@ -76,11 +88,24 @@ def _add_arguments(parser: Any) -> None:
     )
     parser.add_argument(
         "--protocol",
-        choices=("json", "kserve", "bentoml"),
+        choices=("json", "kserve", "bentoml", "grpc"),
         default="json",
         env_var="LOCUST_PROTOCOL",
         help="json: the project's POST /predict (SentimentUser); kserve: KServe v2 inference (KServeUser); "
-        "bentoml: a batchable BentoML API (BentoMLUser)",
+        "bentoml: a batchable BentoML API (BentoMLUser); grpc: ModelInfer over gRPC at --host grpc://HOST:PORT",
+    )
+    parser.add_argument(
+        "--grpc-client",
+        choices=("raw", "triton"),
+        default="raw",
+        env_var="LOCUST_GRPC_CLIENT",
+        help="with --protocol grpc: raw protocol stubs (the cheaper for Locust) or tritonclient.grpc",
+    )
+    parser.add_argument(
+        "--unique-texts",
+        action="store_true",
+        env_var="LOCUST_UNIQUE_TEXTS",
+        help='append " #<run>-<n>" to every text sent, so no two requests repeat a text',
     )
     parser.add_argument(
         "--kserve-model",
@@ -115,8 +140,14 @@ def _on_init(environment: Environment, **_: Any) -> None:
         CORPUS[:] = load_corpus(DEFAULT_CORPUS)
         return
     CORPUS[:] = load_corpus(options.corpus)
+    UNIQUE[0] = bool(getattr(options, "unique_texts", False))
     protocol = getattr(options, "protocol", "json")
-    if protocol != "json":
+    if protocol == "grpc":  # imported only here: a plain run loads no gRPC
+        from harness.grpc_user import configured, patch_gevent
+
+        patch_gevent()  # before any user, so before any channel
+        environment.user_classes[:] = [configured(pick_text, check_label)]
+    elif protocol != "json":
         # the other users are abstract, so a plain run never spawns them; the runner reads this list
         # when it spawns, after init, so swapping it here is what selects the protocol
         environment.user_classes[:] = [{"kserve": KServeUser, "bentoml": BentoMLUser}[protocol]]
@@ -125,6 +156,12 @@ def _on_init(environment: Environment, **_: Any) -> None:
         # so dropping the batch task here is what makes a plain run POST /predict only.
         for user_class in environment.user_classes:
             user_class.tasks = [t for t in user_class.tasks if "batch" not in getattr(t, "locust_tag_set", ())]
+
+
+def pick_text() -> str:
+    """A corpus text at random; numbered with --unique-texts, so that it repeats no earlier one."""
+    text = random.choice(CORPUS)
+    return f"{text} #{_RUN}-{next(_COUNT)}" if UNIQUE[0] else text
 
 
 def check_label(item: Any) -> str | None:
@@ -169,14 +206,14 @@ class SentimentUser(FastHttpUser):
     @tag("predict")
     @task
     def predict(self) -> None:
-        self._post("/predict", {"text": random.choice(CORPUS)}, None)
+        self._post("/predict", {"text": pick_text()}, None)
 
     @tag("batch")
     @task
     def predict_batch(self) -> None:
         options = self.environment.parsed_options
         n = max(1, options.batch_texts if options else 8)
-        self._post("/predict/batch", {"texts": random.choices(CORPUS, k=n)}, n)
+        self._post("/predict/batch", {"texts": [pick_text() for _ in range(n)]}, n)
 
     def _post(self, path: str, payload: dict[str, Any], expected_items: int | None) -> None:
         with self.client.post(path, json=payload, headers=self._headers, catch_response=True) as resp:
@@ -266,7 +303,7 @@ class KServeUser(ProtocolUser):
     def infer(self) -> None:
         options = self.environment.parsed_options
         path = f"/v2/models/{options.kserve_model if options else 'sentiment'}/infer"
-        self._post_checked(path, kserve_request(random.choice(CORPUS)), check_kserve_answer)
+        self._post_checked(path, kserve_request(pick_text()), check_kserve_answer)
 
 
 class BentoMLUser(ProtocolUser):
@@ -279,4 +316,4 @@ class BentoMLUser(ProtocolUser):
     def classify(self) -> None:
         options = self.environment.parsed_options
         path = options.bentoml_api if options else "/classify"
-        self._post_checked(path, bentoml_request(random.choice(CORPUS)), check_bentoml_answer)
+        self._post_checked(path, bentoml_request(pick_text()), check_bentoml_answer)

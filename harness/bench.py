@@ -9,6 +9,8 @@
     python -m harness.bench --corpus data/short.txt --out results/cpu-short
     python -m harness.bench --only batched,naive-threadpool --users 8,32 --duration 15
     python -m harness.bench --ops --only ops --out results/cpu-2core-ops   # keys, rate limit, JSON logs: on vs off
+    python -m harness.bench --protocols --only protocol --corpus data/short.txt --out results/cpu-avx2-protocols
+    python -m harness.bench --cache --only cache --out results/cpu-avx2-cache   # cache off/on (harness/bench_groups.py)
     python -m harness.bench --min-answers 200 --max-duration-s 120   # the defaults: every row holds 200 answers
     python -m harness.bench --wrk-users 32           # the default: 32-user rows also run wrk (0: no wrk)
     MODEL_ID=stand-in DTYPE=int8 python -m harness.bench   # server settings come from the environment
@@ -20,7 +22,10 @@ environment, waits for GET /ready, and for each user count warms up (unrecorded 
 A row that finished fewer than --min-answers answers (successful responses) runs again for twice as
 long, or more as its rate projects, up to --max-duration-s; one still short there is kept, marked
 too_few_answers, and summary.md quotes no figure of it. Rows at --wrk-users users (POST /predict,
-closed loop) then run wrk for the same time, beside Locust (harness/wrk.py); without wrk, no wrk columns.
+closed loop; POST /v2/models/sentiment/infer on the v2 protocol row; none on gRPC's) then run wrk for the
+same time, beside Locust (harness/wrk.py); without wrk, no wrk columns. A configuration may hold several
+rows on its one server (--protocols: one per protocol); a row may name its own corpus (--cache). Every row
+records its corpus and the corpus's duplicate share.
 Two references are measured in the same run: the model limit (tokenize + forward in-process, no
 HTTP, in a subprocess before any server starts) and the HTTP ceiling (`harness.bench:ceiling_app`, a
 no-model endpoint on the same FastAPI + uvicorn stack). `harness/report.py` turns summary.csv into
@@ -47,8 +52,8 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import wrk
-from harness.launch import ROOT, Process, environ
+from harness import bench_groups, wrk
+from harness.launch import ROOT, Process, environ, free_port
 from harness.limits import default_engine, engine_name, machine_engines
 from harness.peers import describe as describe_peers
 from harness.peers import launch as launch_peer
@@ -83,6 +88,7 @@ SUMMARY_FIELDS = [
     "wrk_p99_ms",
     "wrk_requests",
     "wrk_errors",
+    *bench_groups.COLUMNS,
 ]
 MIN_ANSWERS = 200  # a row with fewer is noise: its p99 is one or two requests
 
@@ -157,9 +163,18 @@ class Config:
     ready_path: str = "/ready"
     locust_args: tuple[str, ...] = ()
     workers: int = 1  # uvicorn --workers: N front ends on one engine (their metrics summed: PROMETHEUS_MULTIPROC_DIR)
+    corpus: str | None = None  # its rows' corpus (None: the run's --corpus)
+    grpc: bool = False  # the server also serves gRPC, on a free GRPC_PORT
+    rows: tuple[Config, ...] = ()  # rows measured on this one server, each user count in turn (none: itself)
 
 
-def configurations(p: Profile, peers: bool, ops: bool = False) -> list[Config]:
+def configurations(
+    p: Profile,
+    peers: bool,
+    ops: bool = False,
+    protocols: bool = False,
+    cache: bench_groups.CacheRun | None = None,
+) -> list[Config]:
     """Every configuration of a profile, references first so later rows can be compared with them."""
     top = (max(p.users),)
     cfgs = [Config("http-ceiling", "reference", "harness.bench:ceiling_app", top, p.duration_s)]
@@ -231,9 +246,17 @@ def configurations(p: Profile, peers: bool, ops: bool = False) -> list[Config]:
                     locust_args=("--api-key", "bench-key"),
                 )
             )
+    cfgs += bench_groups.protocol_configs(p) if protocols else []  # one server, a row per protocol
+    cfgs += bench_groups.cache_configs(p, cache) if cache else []  # off against on, per corpus
     if peers:  # the registry in harness/peers/__init__.py: module, readiness, Locust protocol per peer
         cfgs += peer_configs(top, p.duration_s)  # the peers table compares them at the top user count
-    return [c for c in cfgs if p.configs is None or c.name in p.configs or c.group == "ops"]
+    # a group asked for by its flag runs whatever the profile's own list
+    return [c for c in cfgs if p.configs is None or c.name in p.configs or c.group in ("ops", "protocol", "cache")]
+
+
+def points(cfg: Config) -> list[tuple[int, Config]]:
+    """(users, row) in the order a configuration measures them: each user count, then each row at it."""
+    return [(u, r) for u in cfg.users for r in cfg.rows or (cfg,)]
 
 
 def __getattr__(name: str) -> Any:
@@ -349,8 +372,12 @@ def _cell(v: Any) -> Any:
 
 def launch(cfg: Config, log_path: Path) -> Process:
     """Starts one configuration's server on a free port (not yet ready)."""
-    # the comparison is of serving paths: keys and rate limits would only turn load into 401s and 429s
-    env = environ(cfg.env, drop=("API_KEYS", "RATE_LIMIT", "REDIS_URL"))
+    # the comparison is of serving paths: keys and rate limits would only turn load into 401s and 429s;
+    # an answer cache or a gRPC port only where a configuration asks (a corpus repeats: the cache would hit)
+    env = environ(cfg.env, drop=("API_KEYS", "RATE_LIMIT", "REDIS_URL", "CACHE_BYTES", "GRPC_PORT"))
+    grpc_port = free_port() if cfg.grpc else 0
+    if grpc_port:
+        env["GRPC_PORT"] = str(grpc_port)
     if cfg.group == "peer":  # in its own virtual environment (.peers/<name>/), stopped its own way
         return launch_peer(cfg.name, log_path, env)
     if cfg.workers > 1:  # every worker's counters in one scrape; the directory must start empty
@@ -358,7 +385,9 @@ def launch(cfg: Config, log_path: Path) -> Process:
         shutil.rmtree(prom, ignore_errors=True)
         prom.mkdir(parents=True)
         env["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
-    return Process.uvicorn(cfg.target, log_path, env, workers=cfg.workers)
+    proc = Process.uvicorn(cfg.target, log_path, env, workers=cfg.workers)
+    proc.grpc_url = f"grpc://127.0.0.1:{grpc_port}" if grpc_port else ""
+    return proc
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -464,10 +493,10 @@ def enough_answers(
 
 
 def wrk_headers(cfg: Config) -> dict[str, str] | None:
-    """Headers for wrk's POST /predict, or None where wrk would not send Locust's load: a peer's own
-    protocol, or an open-loop row (wrk keeps every connection busy, it can not pace)."""
+    """Headers for wrk's POST, or None where wrk would not send Locust's load: a peer's own protocol, gRPC
+    (wrk speaks HTTP/1.1), or an open-loop row (wrk keeps every connection busy, it can not pace)."""
     args = list(cfg.locust_args)
-    if cfg.group == "peer" or "--target-rps-per-user" in args:
+    if cfg.group == "peer" or "--target-rps-per-user" in args or bench_groups.wrk_protocol(cfg) is None:
         return None
     return {"Authorization": f"Bearer {args[args.index('--api-key') + 1]}"} if "--api-key" in args else {}
 
@@ -478,7 +507,10 @@ def bench_point(
     """One row: warm-up, Locust for as long as it takes to hold p.min_answers answers, wrk at p.wrk_users.
     Returns the row and the seconds it took beyond its plan (for the progress estimate)."""
     name, logs, ran = f"{cfg.name}_u{users}", out / "logs", []
-    run_locust(proc.url, users, p.warmup_s, a.corpus, p.processes, logs / f"{name}_warmup.log", None, cfg.locust_args)
+    corpus = cfg.corpus or a.corpus
+    # gRPC rows load the server's GRPC_PORT; its counters are still read over HTTP
+    host = getattr(proc, "grpc_url", "") if bench_groups.protocol(cfg) == "grpc" else proc.url
+    run_locust(host, users, p.warmup_s, corpus, p.processes, logs / f"{name}_warmup.log", None, cfg.locust_args)
 
     def counters() -> dict[str, float]:
         return proc.counters() if isinstance(proc, PeerProcess) else scrape(proc.url)  # a peer's from its log
@@ -487,26 +519,47 @@ def bench_point(
         ran.append(seconds)
         before = counters()
         log = logs / f"{name}_locust.log"
-        warn = run_locust(proc.url, users, seconds, a.corpus, p.processes, log, out / name, cfg.locust_args)
-        return summary_row(cfg, users, read_locust_stats(out / name), metrics_delta(before, counters()), ready, warn)
+        warn = run_locust(host, users, seconds, corpus, p.processes, log, out / name, cfg.locust_args)
+        after = counters()
+        row = summary_row(cfg, users, read_locust_stats(out / name), metrics_delta(before, after), ready, warn)
+        return {**row, **bench_groups.row_columns(cfg, corpus), **bench_groups.cache_shares(before, after)}
 
     row = enough_answers(measured, cfg.duration_s, p.min_answers, p.max_duration_s)
     extra = sum(ran) - cfg.duration_s
-    headers = wrk_headers(cfg)
-    if users == p.wrk_users and headers is not None and a.wrk_version:
-        try:
-            texts = read_corpus(str(ROOT / a.corpus))
-            result = wrk.measure(
-                proc.url + "/predict", users, row["duration_s"], texts, out / name, logs / name, headers
-            )
-        except (subprocess.TimeoutExpired, OSError) as exc:  # wrk's trouble is no reason to lose Locust's row
-            print(f"  !! wrk: {exc}", flush=True)
-            result = None
-        if result is None:
-            print(f"  !! wrk gave no result for {name}, see logs/{name}_wrk.log", flush=True)
-        row.update(wrk.columns(result))
+    if users == p.wrk_users and wrk_headers(cfg) is not None and a.wrk_version:
+        row.update(wrk_point(cfg, users, row["duration_s"], corpus, out, proc.url, counters))
         extra += row["duration_s"] - cfg.duration_s
     return row, extra
+
+
+def wrk_point(
+    cfg: Config, users: int, seconds: float, corpus: str, out: Path, url: str, counters: Callable[[], dict[str, float]]
+) -> dict[str, Any]:
+    """wrk's columns for one row, run as long as its Locust run, with the cache's hit share over wrk's run."""
+    name, headers, protocol = f"{cfg.name}_u{users}", wrk_headers(cfg) or {}, bench_groups.wrk_protocol(cfg) or "json"
+    before: dict[str, float] = {}
+    args = list(cfg.locust_args)
+    model = args[args.index("--kserve-model") + 1] if "--kserve-model" in args else "sentiment"
+    try:
+        result = wrk.measure(
+            url + wrk.path(protocol, model),
+            users,
+            seconds,
+            read_corpus(str(ROOT / corpus)),
+            out / name,
+            out / "logs" / name,
+            headers,
+            protocol,
+            unique="--unique-texts" in args,
+            on_start=lambda: before.update(counters()),  # after wrk's warm-up: the measured run alone
+        )
+    except (subprocess.TimeoutExpired, OSError) as exc:  # wrk's trouble is no reason to lose Locust's row
+        print(f"  !! wrk: {exc}", flush=True)
+        result = None
+    if result is None:
+        print(f"  !! wrk gave no result for {name}, see logs/{name}_wrk.log", flush=True)
+    shares = bench_groups.cache_shares(before, counters()) if result is not None else {}
+    return {**wrk.columns(result), "wrk_cache_hit_share": shares.get("cache_hit_share")}
 
 
 # ------------------------------------------------------------------------------------ the whole run
@@ -541,7 +594,8 @@ def point_cost(cfg: Config, p: Profile, users: int) -> float:
 def bench_config(
     cfg: Config, p: Profile, a: argparse.Namespace, out: Path, progress: Progress, servers: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    """Starts one configuration's server, measures each user count, stops it; [] if it never got ready."""
+    """Starts one configuration's server, measures each user count (each of its rows at each), stops it;
+    [] if it never got ready."""
     logs = out / "logs"
     proc = launch(cfg, logs / f"{cfg.name}_server.log")
     url = proc.url
@@ -551,18 +605,18 @@ def bench_config(
         ready = proc.wait_ready(cfg.ready_path, timeout_s=300 if a.gpu else 180)
         servers[cfg.name] = ready
         progress.step(start_cost(cfg, a.gpu), f"{cfg.name}: ready at {url} (model {ready.get('model_source')})")
-        for users in cfg.users:
-            row, extra_s = bench_point(cfg, users, p, a, out, proc, ready)
+        for users, row_cfg in points(cfg):
+            row, extra_s = bench_point(row_cfg, users, p, a, out, proc, ready)
             rows.append(row)
             progress.planned += extra_s  # a longer row moves the plan, it is not the estimates going wrong
-            progress.step(point_cost(cfg, p, users) + extra_s, describe(row))
+            progress.step(point_cost(row_cfg, p, users) + extra_s, describe(row))
     except (RuntimeError, subprocess.TimeoutExpired, OSError) as exc:
         servers[cfg.name] = {"error": str(exc).splitlines()[0]}
         print(
             f"  !! {cfg.name} failed: {exc}\n  -- server log tail --\n{tail(logs / f'{cfg.name}_server.log')}",
             flush=True,
         )
-        left = sum(point_cost(cfg, p, u) for u in cfg.users[len(rows) :])
+        left = sum(point_cost(r, p, u) for u, r in points(cfg)[len(rows) :])
         left += 0.0 if ready is not None else start_cost(cfg, a.gpu)
         progress.step(left, f"{cfg.name}: skipped")
     finally:
@@ -625,16 +679,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--max-duration-s", type=float, help="longest run of a row (default 120 s; --quick: 10 s)")
     ap.add_argument("--wrk-users", type=int, help="rows at this user count also run wrk (default 32; 0: none)")
+    bench_groups.add_arguments(ap)  # --protocols, --cache and its settings
     a = ap.parse_args(argv)
     if a.min_answers is not None and a.min_answers < 0 or a.max_duration_s is not None and a.max_duration_s <= 0:
         ap.error("--min-answers must be 0 or more and --max-duration-s more than 0")
     a.profile_name = "quick" if a.quick else "gpu" if a.gpu else "cpu"
-    corpus = Path(a.corpus).resolve()
-    if not corpus.is_file():
-        ap.error(f"--corpus: no such file: {a.corpus}")
-    # subprocesses run in the repository root: name the corpus from there, or absolutely if outside it
-    a.corpus = str(corpus.relative_to(ROOT)) if corpus.is_relative_to(ROOT) else str(corpus)
+    a.corpus = corpus_path(ap, "--corpus", a.corpus)
+    if a.cache:
+        if a.cache_bytes <= 0:
+            ap.error("--cache-bytes must be more than 0 (the cache-off rows are CACHE_BYTES=0 already)")
+        hint = "; make it with `python -m harness.zipf_corpus --out data/zipf.txt`"
+        a.cache_corpus = corpus_path(ap, "--cache-corpus", a.cache_corpus, hint)
+        a.cache_unique_corpus = corpus_path(ap, "--cache-unique-corpus", a.cache_unique_corpus)
     return a
+
+
+def corpus_path(ap: argparse.ArgumentParser, flag: str, value: str, hint: str = "") -> str:
+    """A corpus as subprocesses in the repository root name it: from there, or absolutely if outside it."""
+    corpus = Path(value).resolve()
+    if not corpus.is_file():
+        ap.error(f"{flag}: no such file: {value}{hint}")
+    return str(corpus.relative_to(ROOT)) if corpus.is_relative_to(ROOT) else str(corpus)
 
 
 def select(a: argparse.Namespace) -> tuple[Profile, list[Config]]:
@@ -648,21 +713,39 @@ def select(a: argparse.Namespace) -> tuple[Profile, list[Config]]:
     for key in ("min_answers", "max_duration_s", "wrk_users"):
         if getattr(a, key) is not None:
             p = replace(p, **{key: getattr(a, key)})
-    cfgs = configurations(p, a.peers, a.ops)
+    cache = (
+        bench_groups.CacheRun(a.cache_corpus, a.cache_unique_corpus, a.cache_bytes)
+        if getattr(a, "cache", False)
+        else None
+    )
+    protocols = getattr(a, "protocols", False)
+    cfgs = configurations(p, a.peers, a.ops, protocols, cache)
     if a.only:  # picks from every configuration, whatever the profile runs by default
-        cfgs = configurations(replace(p, configs=None), a.peers, a.ops)
-        only = set(a.only.split(","))  # configuration names or group names (naive, bus, policy, ops...)
-        unknown = only - {c.name for c in cfgs} - {c.group for c in cfgs}
-        if unknown:
-            sys.exit(
-                f"bench: unknown configuration {', '.join(sorted(unknown))}; known: "
-                f"{', '.join(c.name for c in cfgs)} and the groups {', '.join(sorted({c.group for c in cfgs}))}"
-            )
-        cfgs = [c for c in cfgs if c.name in only or c.group in only]
+        cfgs = pick(configurations(replace(p, configs=None), a.peers, a.ops, protocols, cache), a.only)
     # builds the peers' missing environments; one that fails stays in the run and is reported with its error
     for name, why in prepare_peers(c.name for c in cfgs if c.group == "peer").items():
         print(f"!! --peers: {name}: {why}", flush=True)
     return p, cfgs
+
+
+def pick(cfgs: list[Config], only_csv: str) -> list[Config]:
+    """The configurations --only names, in run order: by configuration, row or group name (naive, bus...)."""
+    only = set(only_csv.split(","))
+    if "cache" in only:  # the cache's goal is capped by the HTTP ceiling: measure it in the same run
+        only.add("http-ceiling")
+    rows = {r.name for c in cfgs for r in c.rows}
+    unknown = only - {c.name for c in cfgs} - {c.group for c in cfgs} - rows
+    if unknown:
+        sys.exit(
+            f"bench: unknown configuration {', '.join(sorted(unknown))}; known: "
+            f"{', '.join([c.name for c in cfgs] + sorted(rows))} and the groups "
+            f"{', '.join(sorted({c.group for c in cfgs}))}"
+        )
+    picked = {c.name: c for c in cfgs if c.name in only or c.group in only}
+    for c in cfgs:  # a row named alone (--only proto-grpc) runs on its configuration's server, siblings not
+        if c.name not in picked and any(r.name in only for r in c.rows):
+            picked[c.name] = replace(c, rows=tuple(r for r in c.rows if r.name in only))
+    return [picked[c.name] for c in cfgs if c.name in picked]
 
 
 def run_settings(a: argparse.Namespace, p: Profile, cfgs: list[Config], load_at_start: float) -> dict[str, Any]:
@@ -680,6 +763,8 @@ def run_settings(a: argparse.Namespace, p: Profile, cfgs: list[Config], load_at_
             "set_by": "--min-answers" if a.min_answers is not None else f"the {a.profile_name} profile",
         },
         "wrk": {"users": p.wrk_users, "version": a.wrk_version},
+        "configurations": bench_groups.describe(cfgs, a.corpus),  # each row's server settings, load and corpus
+        "corpora": bench_groups.corpora(cfgs, a.corpus),  # lines, distinct lines, duplicate share
     }
 
 
@@ -691,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
     limit_cost = 12.0 + 2 * len(p.limit_batches) * p.limit_s
     a.wrk_version = wrk.version()
     progress = Progress(
-        limit_cost + sum(start_cost(c, a.gpu) + sum(point_cost(c, p, u) for u in c.users) for c in cfgs)
+        limit_cost + sum(start_cost(c, a.gpu) + sum(point_cost(r, p, u) for u, r in points(c)) for c in cfgs)
     )
     print(
         f"bench: {len(cfgs)} configurations, corpus {a.corpus}, out {out}, about {fmt_s(progress.planned)} planned",

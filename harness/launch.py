@@ -48,6 +48,7 @@ class Process:
     popen: subprocess.Popen[bytes]
     log: Path
     url: str = ""
+    grpc_url: str = ""  # grpc://127.0.0.1:PORT where the server was started with GRPC_PORT
 
     @classmethod
     def start(

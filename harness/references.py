@@ -24,6 +24,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+# the packages whose versions environment.json records (the gRPC client's too: the protocol rows use it)
+VERSIONED = (
+    *("torch", "transformers", "onnxruntime", "onnx", "fastapi", "uvicorn", "locust"),
+    *("grpcio", "protobuf", "tritonclient"),
+)
 
 
 def read_corpus(path: str) -> list[str]:
@@ -148,7 +153,7 @@ def environment(run: dict[str, Any], limit: dict[str, Any] | None, servers: dict
         "batching": batched_ready.get("batching"),
         "cpu": cpu_info(),
         "python": platform.python_version(),
-        "versions": versions("torch", "transformers", "onnxruntime", "onnx", "fastapi", "uvicorn", "locust"),
+        "versions": versions(*VERSIONED),
         **git_state(),
         "env": {k: v for k, v in os.environ.items() if k in RECORDED_ENV},
         "model_limit": limit,

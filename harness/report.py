@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
-from harness import engine_report
+from harness import engine_report, groups_report
 from harness.peers import summary as peers_summary
 
 NUMERIC = (
@@ -43,6 +43,11 @@ NUMERIC = (
     "wrk_p99_ms",
     "wrk_requests",
     "wrk_errors",
+    "corpus_duplicate_share",
+    "cache_bytes",
+    "cache_hit_share",
+    "cache_coalesced_share",
+    "wrk_cache_hit_share",
 )
 NAIVE = ("naive-threadpool", "naive-blocking")
 
@@ -57,6 +62,8 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
             r[k] = None if v in (None, "") else (int(float(v)) if k in ("users", "max_batch_size") else float(v))
         r["locust_cpu_warning"] = r.get("locust_cpu_warning") == "True"
         r["too_few_answers"] = r.get("too_few_answers") == "True"  # blank in runs from before the flag
+        r["unique_texts"] = r.get("unique_texts") == "True"  # and these two in runs from before the groups
+        r["corpus"] = r.get("corpus") or None
     return rows
 
 
@@ -253,6 +260,8 @@ def wrk_section(rows: list[dict[str, Any]], env: dict[str, Any]) -> list[str]:
     head = [f"## Locust beside wrk ({_users(w['users'])}, POST /predict, closed loop)", ""]
     if not w.get("version"):
         return [*head, "wrk not installed: no wrk figures in this run.", ""]
+    grpc = groups_report.grpc_rows(env)
+    rows = [r for r in rows if r["configuration"] not in grpc]
     out = [
         "| configuration | Locust req/s | wrk req/s | wrk / Locust | Locust p50 ms | wrk p50 ms | Locust p99 ms "
         "| wrk p99 ms | wrk errors |",
@@ -260,7 +269,11 @@ def wrk_section(rows: list[dict[str, Any]], env: dict[str, Any]) -> list[str]:
     ]
     minimum = (env.get("answers") or {}).get("min_answers", 0)
     out += [_wrk_line(r, minimum) for r in rows if r["users"] == w["users"] and r["group"] != "peer"]
-    return [*head, *(out if len(out) > 2 else [f"No row at {_users(w['users'])} in this run."]), ""]
+    v2 = sorted(groups_report.v2_rows(env))
+    note = [f"- {', '.join(v2)}: wrk posts the v2 body to /v2/models/sentiment/infer, as Locust does."] if v2 else []
+    note += [f"- {', '.join(sorted(grpc))}: {groups_report.NO_WRK}."] if grpc else []
+    note += [""] if note else []
+    return [*head, *(out if len(out) > 2 else [f"No row at {_users(w['users'])} in this run."]), "", *note]
 
 
 def scaling(rows: list[dict[str, Any]]) -> list[str]:
@@ -300,6 +313,7 @@ def markdown(all_rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
         "",
         *wrk_section(all_rows, env),
         *scaling(rows),
+        *groups_report.section(all_rows, env),
         "## Batched versus naive",
         "",
         *ratios(rows),

@@ -322,6 +322,14 @@ def test_summary_round_trip_through_report(tmp_path):
         "wrk_p99_ms": 150.25,
         "wrk_requests": 540.0,
         "wrk_errors": 62.0,  # 60 status + 2 timeouts
+        # the protocol and cache groups' columns (tests/test_harness_groups.py): blank on a row without them
+        "corpus": None,
+        "corpus_duplicate_share": None,
+        "unique_texts": False,
+        "cache_bytes": None,
+        "cache_hit_share": None,
+        "cache_coalesced_share": None,
+        "wrk_cache_hit_share": None,
     }
 
 
