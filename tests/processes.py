@@ -17,12 +17,26 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from harness.launch import ROOT, environ, free_port
 from harness.launch import Process as Proc
 
-__all__ = ["ROOT", "Proc", "eventually", "free_port", "need", "start", "start_nginx", "start_uvicorn", "wait_until_ok"]
+__all__ = [
+    "ROOT",
+    "Proc",
+    "delta",
+    "eventually",
+    "free_port",
+    "metrics_at",
+    "need",
+    "start",
+    "start_nginx",
+    "start_uvicorn",
+    "wait_until_ok",
+]
 
 
 def need(binary: str, package: str) -> str:
@@ -40,6 +54,20 @@ def wait_until_ok(proc: Proc, url: str, limit_s: float = 120) -> None:
         probe.wait_ready("", limit_s)
     except RuntimeError as exc:
         pytest.fail(f"{exc}:\n{proc.text()[-3000:]}")
+
+
+def metrics_at(url: str, timeout_s: float = 10) -> dict[str, float]:
+    """Samples of GET url/metrics keyed like `name{label="v"}`, for before/after deltas."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=timeout_s).text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def delta(before: dict[str, float], after: dict[str, float], key: str) -> float:
+    return after.get(key, 0.0) - before.get(key, 0.0)
 
 
 def eventually(condition: Callable[[], bool], limit_s: float = 5) -> bool:

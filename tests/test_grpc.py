@@ -30,7 +30,6 @@ import uvicorn
 import uvloop
 from fastapi import FastAPI, Request
 from google.protobuf import descriptor_pb2
-from prometheus_client.parser import text_string_to_metric_families
 
 import batched_server
 import naive_server
@@ -42,7 +41,7 @@ from serving.oip import GRPC_EXTENSION
 from serving.ops import Observability
 from serving.settings import Settings
 from tests.faults import HANG
-from tests.processes import free_port
+from tests.processes import delta, free_port, metrics_at
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 service_pb2 = pytest.importorskip("tritonclient.grpc.service_pb2")
@@ -172,16 +171,7 @@ def infer_request(texts: list[str], shape: tuple[int, ...] | None = None, **kwar
 
 
 def metrics(server: Running) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(f"{server.http}/metrics", timeout=10).text):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
-
-
-def delta(before: dict[str, float], after: dict[str, float], key: str) -> float:
-    return after.get(key, 0.0) - before.get(key, 0.0)
+    return metrics_at(server.http)
 
 
 def until(check: Callable[[], object], limit_s: float = 20.0) -> None:

@@ -37,6 +37,7 @@ from tritonclient.grpc import service_pb2
 
 from harness import bench, bench_groups, groups_report, grpc_infer, report, wrk
 from harness.launch import ROOT
+from tests.test_harness import lua_unquote
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -417,22 +418,6 @@ def test_locustfile_unique_texts_numbers_every_text(locustfile):
 
 
 # -------------------------------------------------------------------------- wrk: v2 and numbered
-
-
-def lua_unquote(literal: str) -> str:
-    """A double-quoted Lua literal read back, as Lua reads wrk.lua_string's escapes."""
-    out, body, i = bytearray(), literal[1:-1], 0
-    while i < len(body):
-        if body[i] == "\\" and body[i + 1].isdigit():
-            out.append(int(body[i + 1 : i + 4]))
-            i += 4
-        elif body[i] == "\\":
-            out += body[i + 1].encode()
-            i += 2
-        else:
-            out += body[i].encode()
-            i += 1
-    return out.decode("utf-8")
 
 
 def lua_table(script: str, name: str) -> list[str]:

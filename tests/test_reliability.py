@@ -26,14 +26,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import batched_server
 from serving.engine_client import LOST_AFTER_S
 from serving.settings import Settings
 from tests.conftest import serving
 from tests.faults import DIE, HANG, RAISE
-from tests.processes import Proc, eventually, free_port, start, wait_until_ok
+from tests.processes import Proc, delta, eventually, free_port, metrics_at, start, wait_until_ok
 
 # ------------------------------------------------------------------------------------------ harness
 
@@ -113,17 +112,7 @@ async def until(check: Callable[[], Awaitable[object]], limit_s: float = 20.0, e
 
 
 def metrics(server: Server) -> dict[str, float]:
-    """Samples of /metrics keyed like `name{label="v"}`, for before/after deltas."""
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics", timeout=5).text):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
-
-
-def delta(before: dict[str, float], after: dict[str, float], key: str) -> float:
-    return after.get(key, 0.0) - before.get(key, 0.0)
+    return metrics_at(server.url, timeout_s=5)
 
 
 COMPUTED = "sentimentalyzer_batch_size_sum"  # items that went through the model
