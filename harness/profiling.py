@@ -32,7 +32,7 @@ import psutil
 
 from harness.bench import read_locust_stats, run_locust, scrape
 from harness.launch import Process, free_port
-from harness.references import command_line
+from harness.references import RECORDED_ENV, command_line
 
 STARTUP = ("<frozen importlib", "load_engine", "warmup (model.py", "resolve_source", "lifespan (batched_server")
 # (stage, substrings of a frame): a sample belongs to the stage of its innermost frame that matches one,
@@ -176,11 +176,7 @@ def write_report(a: argparse.Namespace, out: Path, srv: dict, batch: dict) -> No
     total = sum(serving.values())
     c = srv["client"]
     items = run.get("sentimentalyzer_batch_size_sum", 0.0)
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k in ("MODEL_ID", "DTYPE", "MAX_WAIT_MS", "MAX_BATCH_SIZE", "BATCH_POLICY", "BACKEND")
-    }
+    env = {k: v for k, v in os.environ.items() if k in RECORDED_ENV}
 
     def ms(name: str) -> str:
         return f"{1000 * (mean(run, name) or 0):.1f}"
