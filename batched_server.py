@@ -35,11 +35,12 @@ from batcher import retry_after_header
 from serving.api import ApiError
 from serving.cache import AnswerCache, engine_identity
 from serving.engine_client import EngineClient, EngineError
-from serving.model import Prediction, TextTokenizer, load_tokenizer, resolve_source
 from serving.oip import client_deadline
 from serving.ops import Observability
 from serving.service import create_app as create_service_app
 from serving.settings import Settings
+from serving.source import resolve_source
+from serving.text import Prediction, TextTokenizer, load_tokenizer
 
 T = TypeVar("T")
 STATUS_OF = {"busy": 503, "stopped": 503, "down": 503, "deadline": 504, "cancelled": 499, "error": 500}

@@ -37,10 +37,10 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 
 from serving.cache_store import RedisAnswers, decode, encode
-from serving.engine import Prediction
 from serving.guard import REDIS_TIMEOUT_S
 from serving.ops import Observability
 from serving.settings import Settings
+from serving.text import Prediction
 
 IDENTITY_FIELDS = ("weights", "backend", "dtype", "device", "packed", "inference_precision")
 Compute = Callable[[list[str]], Awaitable[list[Prediction]]]

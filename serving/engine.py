@@ -19,7 +19,6 @@ from __future__ import annotations
 import bisect
 import collections
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +27,8 @@ from typing import Any, Protocol
 import torch
 
 from serving.settings import Settings
+from serving.source import Source
+from serving.text import Prediction, TextTokenizer, load_tokenizer
 
 log = logging.getLogger("sentimentalyzer.engine")
 # Sequence lengths a padded pass is rounded up to: steps of about 25%, 16 lengths. With at most 64
@@ -42,17 +43,6 @@ def pack_size(real: int) -> int:
     tokens take 56 shapes."""
     step = max(PACK_MIN_STEP, (1 << max(real - 1, 1).bit_length()) // 16)
     return -(-real // step) * step
-
-
-@dataclass(frozen=True, slots=True)
-class Prediction:
-    label: str
-    score: float
-    batch_size: int = 1  # items that shared the forward pass
-    tokenize_ms: float = 0.0  # the tokenization of the call (or of the request, batched server)
-    infer_ms: float = 0.0  # this item's forward pass
-    queue_ms: float = 0.0  # time queued before its batch started (batched server)
-    cache: str = ""  # batched server with CACHE_BYTES (serving/cache.py): miss, hit or coalesced; "" = no cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,21 +130,6 @@ def pack_chunks(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     return chunks if chunks[0] else []
 
 
-class TextTokenizer:
-    """Texts to token ids, truncated to what the model takes (512 for DistilBERT); thread-safe."""
-
-    def __init__(self, tokenizer: Any, max_length: int) -> None:
-        self.tokenizer, self.max_length = tokenizer, max_length
-        # Rust tokenizers raise "Already borrowed" if two threads use one at the same moment.
-        self._lock = threading.Lock()
-
-    def __call__(self, texts: Sequence[str]) -> list[list[int]]:
-        with self._lock:
-            enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=False)
-        ids: list[list[int]] = enc["input_ids"]
-        return ids
-
-
 class Engine:
     """A loaded tokenizer and model. `predict` is thread-safe; the batched server calls it from one thread."""
 
@@ -167,7 +142,7 @@ class Engine:
         info: dict[str, object],
         packed: Callable[[Sequence[Sequence[int]]], torch.Tensor] | None = None,
         device: torch.device | None = None,
-        source: Any = None,
+        source: Source | None = None,
     ) -> None:
         """`packed(ids)` runs one padding-free pass over ids; `runner` a padded one; `source` is
         where the weights came from (serving.model.Source), to load them again."""
@@ -187,7 +162,10 @@ class Engine:
         # machine was busy does not steer grouping for the whole life of the process.
         self._passes: collections.deque[tuple[int, int, float]] = collections.deque(maxlen=256)
         self._seen = 0
-        self.text_tokenizer = TextTokenizer(tokenizer, self.max_length)
+        # the front ends' tokenizer (serving/text.py), so that both sides of the hop cut texts alike
+        self.text_tokenizer = (
+            load_tokenizer(source) if source else TextTokenizer(tokenizer.backend_tokenizer, self.max_length)
+        )
 
     def describe(self) -> dict[str, object]:
         return {**self.info, "packed": self.packed is not None, "max_pass_tokens": self.max_pass_tokens}

@@ -1,7 +1,7 @@
 """A front end's side of the engine process: attach to it (or start and supervise it), submit, cancel.
 
     client = EngineClient(settings, source, obs)
-    await client.start()                     # owner: spawns `python -m serving.engine_core`; waits until warm
+    await client.start()                     # owner: starts serving.engine_core (engine_launch.py); waits until warm
     preds = await client.submit(ids, arrived)  # -> list[Remote]; raises EngineError
     await client.stop()                      # Bye; the owner waits for the engine to drain and exit
 
@@ -24,7 +24,6 @@ import json
 import logging
 import multiprocessing
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import IO, Any
@@ -34,9 +33,10 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from serving import wire
-from serving.model import Source
+from serving.engine_launch import EngineProcess
 from serving.ops import Observability
 from serving.settings import Settings
+from serving.source import Source
 
 log = logging.getLogger("sentimentalyzer.engine_client")
 HEARTBEAT_S = 0.1  # the engine's (serving/engine_core.py)
@@ -80,7 +80,7 @@ class EngineClient:
         self.path = socket_path(settings)
         self.status: wire.Status | None = None
         self.up = False
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: EngineProcess | None = None
         self._rids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._lock: IO[str] | None = None
@@ -305,24 +305,13 @@ class EngineClient:
             await asyncio.sleep(backoff)
             self.obs.engine_restarts.inc()
 
-    async def _spawn(self) -> asyncio.subprocess.Process:
+    async def _spawn(self) -> EngineProcess:
         s = self.settings
         fields = {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.repr}  # no keys or URLs
         env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}  # its own registry
-        return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "serving.engine_core",
-            "--socket",
-            str(self.path),
-            "--parent",
-            str(os.getpid()),
-            "--settings",
-            json.dumps(fields),
-            "--source",
-            json.dumps(dataclasses.asdict(self.source)),
-            env=env,
-        )
+        argv = ["--socket", str(self.path), "--parent", str(os.getpid()), "--settings", json.dumps(fields)]
+        argv += ["--source", json.dumps(dataclasses.asdict(self.source))]
+        return await EngineProcess.start(argv, env)
 
 
 def _settle(future: asyncio.Future[Any]) -> None:

@@ -3,7 +3,8 @@
     python -m serving.engine_core --socket /tmp/sentimentalyzer-0/engine-41.sock --parent 41 \\
         --settings '{"model_id": "stand-in", ...}' --source '{"path": ..., "kind": "stand-in"}'
 
-Started and supervised by one front end (serving/engine_client.py), never by hand. It binds a ZeroMQ
+Started (forked from a forkserver that has imported torch: serving/engine_launch.py, or run as
+above) and supervised by one front end (serving/engine_client.py), never by hand. It binds a ZeroMQ
 ROUTER socket at once and sends every front end that said Hello a Status heartbeat (ready=False
 while it loads), then loads the model on the cores that serving/cores.py plans, warms it up, and
 serves: each Submit (one request's token ids) becomes items of one DynamicBatcher (batcher.py), whose
@@ -273,21 +274,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _die_with(parent: int) -> None:
-    """The kernel kills this process when the front end that started it dies (Linux)."""
+def _die_with(front_end: int) -> None:
+    """The kernel kills this process when its parent dies (Linux): the front end's forkserver, which
+    exits with that front end (serving/engine_launch.py), or the front end if it ran this directly."""
+    parent = os.getppid()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # it died before the line above took effect
+    if os.getppid() != parent or not _alive(front_end):  # it died before the line above took effect
         os._exit(1)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--socket", required=True, help="the IPC socket path to bind")
     parser.add_argument("--parent", type=int, default=0, help="the front end's pid: die with it")
     parser.add_argument("--settings", required=True, help="the front end's Settings as JSON")
     parser.add_argument("--source", required=True, help="where the weights come from, as JSON")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.parent:
         _die_with(args.parent)
     for sig in (signal.SIGINT, signal.SIGTERM):  # the front ends decide when it stops: it drains with them

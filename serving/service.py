@@ -37,10 +37,10 @@ from serving.api import (
     check_texts,
     require_ready,
 )
-from serving.model import Prediction
 from serving.oip import V2Errors, add_v2_routes
 from serving.ops import Observability
 from serving.settings import Settings
+from serving.text import Prediction
 
 
 class Service(Protocol):

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 import batched_server
@@ -288,13 +289,18 @@ async def test_an_engine_that_dies_mid_pass_fails_its_callers_at_once_and_is_res
 async def test_a_killed_engine_turns_ready_503_and_comes_back(fragile: Server) -> None:
     async with httpx.AsyncClient(base_url=fragile.url, timeout=30) as c:
         old = await until(lambda: _engine_pid(c))
+        template = psutil.Process(old).parent()
         async with hung_worker(c) as held:
             os.kill(old, signal.SIGKILL)  # from outside, as the OOM killer would
             held_answer = await asyncio.wait_for(held, 5)
             down = await until(lambda: _status(c.get("/ready"), 503), limit_s=5)
             refused = await c.post("/predict", json={"text": "while it restarts"})
-        await until(lambda: _restarted(c, old))
+        new = await until(lambda: _restarted(c, old))
         served = await c.post("/predict", json={"text": "after the restart"})
+    # both engines forked from one template that imported torch once (serving/engine_launch.py), the
+    # front end's child: a restart loads weights, it does not import torch again
+    assert template is not None and "multiprocessing.forkserver" in " ".join(template.cmdline())
+    assert template.ppid() == _front_pid(fragile) and psutil.Process(new).ppid() == template.pid
     assert held_answer.status_code == 503 and "Retry-After" in held_answer.headers
     assert down and refused.status_code in (200, 503) and served.status_code == 200
 
