@@ -17,9 +17,14 @@ variants, all exact:
   strided nested tensors, and they cannot be built from inference tensors, hence the copies.
 - loop: one SDPA call per text, a Python loop: exactly sum(length^2) work, one call per text per layer.
 
-Default (attention=None): loop on CPU, where it was the fastest (harness/engines.py --only packing,
-32 mixed texts, 1 thread: fp32 18.3 seq/s loop, 15.0 padded, 12.6 block, 12.1 jagged; bf16 64.3, 41.4,
-26.0, 33.3); padded elsewhere, because on a GPU a launch per text per layer costs more than padding.
+Default (attention=None): padded on a GPU, where a launch per text per layer costs more than padding.
+On a CPU, per pass: padded where the attention work its padding adds, 4 * dim * (n * longest^2 -
+sum(length^2)) FLOPs, is below what the loop's per-text calls cost (n calls, each worth
+LOOP_CALL_FLOPS of compute), else loop. So packs of similar lengths go padded and packs that mix
+short and long texts go loop. Measured on the 2-core AVX2 EPYC, stand-in, seconds per pass, loop /
+padded: short texts 1.02 (8 texts) and 1.04 (24); mixed 0.95 and 0.91; long 0.97 (8) and 0.79 (24);
+the rule picks the faster in each of those six. With the tests' tiny model (dim 32), where a call's
+overhead is the whole cost, padded is 2.1x the loop at 16 short texts and 3.3x at 48.
 
 The last layer computes only what the classifier reads: keys and values for every token, queries,
 output projection and feed-forward for each text's first token alone (~14% fewer FLOPs, same math).
@@ -42,8 +47,18 @@ from transformers import DistilBertForSequenceClassification, PreTrainedModel
 ATTENTION = ("padded", "block", "jagged", "loop")
 
 
-def default_attention(device: torch.device) -> str:
-    return "loop" if device.type == "cpu" else "padded"
+# one SDPA call per text per layer costs about this much compute in dispatch (2-core AVX2 EPYC: ~30 us
+# at ~50 GFLOP/s); a CPU with more FLOP/s per call makes padding the better deal more often
+LOOP_CALL_FLOPS = 1.5e6
+
+
+def default_attention(device: torch.device, lengths: Sequence[int] = (), dim: int = 768) -> str:
+    if device.type != "cpu":
+        return "padded"
+    if not lengths:
+        return "loop"
+    padding_flops = 4 * dim * (len(lengths) * max(lengths) ** 2 - sum(n * n for n in lengths))
+    return "padded" if padding_flops <= len(lengths) * LOOP_CALL_FLOPS else "loop"
 
 
 @dataclass(frozen=True)
@@ -171,7 +186,7 @@ def packed_forward(
     if min(lengths) < 1 or max(lengths) > model.config.max_position_embeddings:
         raise ValueError(f"every text needs 1 to {model.config.max_position_embeddings} tokens, got {lengths}")
     device = bert.embeddings.word_embeddings.weight.device
-    attend = _ATTEND[attention or default_attention(device)]
+    attend = _ATTEND[attention or default_attention(device, lengths, int(model.config.dim))]
     segs = Segments.of(lengths, device)
     tokens = torch.tensor(list(chain.from_iterable(ids)), dtype=torch.long).to(device, non_blocking=True)
     emb = bert.embeddings

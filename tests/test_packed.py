@@ -93,11 +93,21 @@ def test_edges(tiny: torch.nn.Module) -> None:
         packed_forward(tiny, make_ids([3]), attention="flash")
 
 
-def test_default_attention_is_the_loop_on_cpu_and_padded_on_cuda(tiny: torch.nn.Module) -> None:
-    assert default_attention(torch.device("cpu")) == "loop"
-    assert default_attention(torch.device("cuda")) == "padded"
-    ids = make_ids([3, 50, 1])
-    assert torch.equal(packed_forward(tiny, ids), packed_forward(tiny, ids, attention="loop"))
+def test_default_attention_pads_similar_lengths_on_cpu_loops_over_mixed_ones_and_pads_on_cuda(
+    tiny: torch.nn.Module,
+) -> None:
+    cpu = torch.device("cpu")
+    assert default_attention(cpu, [18, 20, 19, 21] * 4) == "padded"  # short reviews: little padding
+    assert default_attention(cpu, [12, 480, 30, 25, 300, 40, 18, 60]) == "loop"  # mixed: mostly padding
+    assert default_attention(cpu, [12, 60, 30], dim=768) == "loop"
+    assert default_attention(cpu, [12, 60, 30], dim=32) == "padded"  # a tiny model: the calls cost more
+    assert default_attention(cpu) == "loop"
+    assert default_attention(torch.device("cuda"), [12, 480, 30]) == "padded"
+    dim = int(tiny.config.dim)
+    for lengths in ([3, 400, 2], [5, 6, 5, 6]):
+        ids = make_ids(lengths)
+        chosen = default_attention(cpu, lengths, dim)
+        assert torch.equal(packed_forward(tiny, ids), packed_forward(tiny, ids, attention=chosen))
 
 
 def test_supports_packing(tiny: torch.nn.Module) -> None:
