@@ -88,16 +88,31 @@ def start_uvicorn(name: str, tmp: Path, app: str, env: dict[str, str], workers: 
     return proc, proc.url
 
 
-def nginx_config(tmp: Path, listen: int, upstreams: list[str]) -> Path:
-    """deploy/nginx.conf itself, with test upstreams, port and log paths; fails if those lines moved."""
-    servers = "\n        ".join(f"server {u} max_fails=3 fail_timeout=5s;" for u in upstreams)
+def nginx_config(
+    tmp: Path,
+    listen: int,
+    upstreams: list[str],
+    grpc_listen: int | None = None,
+    grpc_upstreams: list[str] | None = None,
+) -> Path:
+    """deploy/nginx.conf itself, with test upstreams, ports and log paths; fails if those lines moved.
+
+    Its gRPC listener gets grpc_listen (a free port if None) over grpc_upstreams; without those, over
+    the HTTP upstreams' addresses, which nginx only resolves at start: no call goes there."""
+
+    def servers_of(addresses: list[str]) -> str:
+        return "\n        ".join(f"server {u} max_fails=3 fail_timeout=5s;" for u in addresses)
+
+    servers, grpc_servers = servers_of(upstreams), servers_of(grpc_upstreams or upstreams)
     temp = "".join(
         f"\n    {kind}_temp_path {tmp}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
     text = (ROOT / "deploy" / "nginx.conf").read_text()
     for pattern, replacement in (
         (r"server api1:8000[^;]*;\s*server api2:8000[^;]*;", servers),
+        (r"server api1:8001[^;]*;\s*server api2:8001[^;]*;", grpc_servers),
         (r"listen 8080;", f"listen 127.0.0.1:{listen};"),
+        (r"listen 8081 http2;", f"listen 127.0.0.1:{grpc_listen or free_port()} http2;"),
         (r"access_log /dev/stdout main;", f"access_log {tmp}/access.log main;"),
         (r"error_log /dev/stderr warn;", f"error_log {tmp}/error.log info;"),
         (r"\nhttp \{", "\nhttp {" + temp),
@@ -110,11 +125,14 @@ def nginx_config(tmp: Path, listen: int, upstreams: list[str]) -> Path:
     return path
 
 
-def start_nginx(tmp: Path, upstreams: list[str]) -> tuple[Proc, str]:
+def start_nginx(
+    tmp: Path, upstreams: list[str], grpc_listen: int | None = None, grpc_upstreams: list[str] | None = None
+) -> tuple[Proc, str]:
+    """nginx on deploy/nginx.conf (nginx_config); its URL. gRPC: on grpc_listen, over grpc_upstreams."""
     binary = need("nginx", "nginx")
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    conf = nginx_config(tmp, port, upstreams)
+    conf = nginx_config(tmp, port, upstreams, grpc_listen, grpc_upstreams)
     main = f"daemon off; pid {tmp}/nginx.pid;"
     checked = subprocess.run(
         [binary, "-t", "-p", str(tmp), "-e", f"{tmp}/error.log", "-c", str(conf), "-g", main],

@@ -370,7 +370,7 @@ def test_dashboard_queries_and_rules_return_data_under_load(cluster: Cluster) ->
 def refusals_due(cluster: Cluster, refused: int, share: float = 0.1) -> int:
     """How many refused requests bring b's refusals to `share` of every prediction answered so far."""
     answered = cluster.scalar(
-        'sum(sentimentalyzer_requests_total{job="sentimentalyzer",endpoint=~"/predict|/predict/batch"})'
+        'sum(sentimentalyzer_requests_total{job="sentimentalyzer",endpoint=~"/predict|/predict/batch|/v2/models/sentiment/infer"})'
     )
     due = (share * (0 if math.isnan(answered) else answered) - refused) / (1 - share)
     return min(max(10, math.ceil(due)), 200)  # the cap bounds one tick's work if a scrape jumps

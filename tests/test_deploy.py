@@ -25,7 +25,7 @@ import yaml
 import batched_server
 from serving.settings import Settings
 from tests.conftest import serving
-from tests.test_k8s import dockerfile_cmd, dockerfile_env, duration_s, graceful_shutdown_s
+from tests.test_k8s import dockerfile_cmd, dockerfile_env, duration_s, graceful_shutdown_s, grpc_stop_s
 from tests.test_ops import metric_names
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +66,19 @@ async def test_dashboard_queries_only_metrics_the_servers_export(attached_settin
     assert all(e.count("(") == e.count(")") for e in exprs)
 
 
+def nginx_blocks(text: str, head: str) -> list[str]:
+    """The bodies of every `head {...}` block of an nginx config (nested blocks included in them)."""
+    text = re.sub(r"#.*", "", text)  # comments may hold braces and directives' names
+    bodies = []
+    for match in re.finditer(rf"(?:^|[;{{}}\s]){re.escape(head)}\s*\{{", text):
+        depth, end = 1, match.end()
+        while depth:
+            depth += {"{": 1, "}": -1}.get(text[end], 0)
+            end += 1
+        bodies.append(text[match.end() : end - 1])
+    return bodies
+
+
 def test_prometheus_and_nginx_target_every_replica_and_only_those() -> None:
     services = compose()["services"]
     port = re.search(r"^ENV .*\bPORT=(\d+)", (DEPLOY / "Dockerfile").read_text(), re.M).group(1)
@@ -74,8 +87,37 @@ def test_prometheus_and_nginx_target_every_replica_and_only_those() -> None:
     scrape = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())["scrape_configs"]
     assert [c["metrics_path"] for c in scrape] == ["/metrics"]
     assert set(scrape[0]["static_configs"][0]["targets"]) == replicas
-    upstream = re.search(r"upstream sentimentalyzer \{(.*?)\}", (DEPLOY / "nginx.conf").read_text(), re.S).group(1)
+    conf = (DEPLOY / "nginx.conf").read_text()
+    [upstream] = nginx_blocks(conf, "upstream sentimentalyzer")
     assert set(re.findall(r"server (\S+?)\s", upstream)) == replicas
+    # gRPC: each replica's GRPC_PORT (the image's, unless compose sets another), and only those
+    grpc_ports = {
+        Settings.from_env(
+            {**dockerfile_env(), **{k: compose_value(v) for k, v in services[name]["environment"].items()}}
+        ).grpc_port
+        for name in REPLICAS
+    }
+    [grpc_port] = grpc_ports  # one port for both: nginx.conf names it per server line
+    assert grpc_port and str(grpc_port) != port  # on by default, beside HTTP
+    [grpc_upstream] = nginx_blocks(conf, "upstream sentimentalyzer_grpc")
+    assert set(re.findall(r"server (\S+?)\s", grpc_upstream)) == {f"{name}:{grpc_port}" for name in REPLICAS}
+    # HTTP on one listener to the HTTP upstream, gRPC (HTTP/2 without TLS) on another to the gRPC one
+    servers = {}
+    for server in nginx_blocks(conf, "server"):
+        [listen] = re.findall(r"\blisten ([^;]+);", server)
+        servers[listen] = server
+    http = [s for listen, s in servers.items() if "http2" not in listen.split()]
+    grpc = [s for listen, s in servers.items() if "http2" in listen.split()]
+    assert len(http) == len(grpc) == 1
+    assert re.findall(r"\bproxy_pass (\S+);", http[0]) == ["http://sentimentalyzer"] and "grpc_pass" not in http[0]
+    assert re.findall(r"\bgrpc_pass (\S+);", grpc[0]) == ["grpc://sentimentalyzer_grpc"]
+    assert "proxy_pass" not in grpc[0]
+    # compose publishes nginx's listeners, each on its own number, and nothing else of nginx
+    listened = {listen.split()[0] for listen in servers}
+    assert set(services["nginx"]["ports"]) == {f"{p}:{p}" for p in listened}
+    # the image declares both of its ports
+    [exposed] = re.findall(r"^EXPOSE (.+)$", (DEPLOY / "Dockerfile").read_text(), re.M)
+    assert sorted(exposed.split()) == sorted([port, str(grpc_port)])
 
 
 def test_compose_wires_redis_health_and_mounted_files() -> None:
@@ -123,8 +165,9 @@ def test_replicas_run_valid_engine_settings_on_a_fresh_tmp() -> None:
             assert any(path.startswith(mount.rstrip("/") + "/") for mount in service["tmpfs"]), path
         # with WORKERS > 1 an engine orphaned by its dead worker goes to PID 1, which must reap it
         assert service["init"] is True
-        # docker stop waits for uvicorn's drain (the engine drains behind it) before it kills
-        assert duration_s(service["stop_grace_period"]) >= graceful_shutdown_s() + 5
+        # docker stop waits for uvicorn's drain (the engine drains behind it), then the gRPC server's
+        # stop (calls in flight finish), before it kills
+        assert duration_s(service["stop_grace_period"]) >= graceful_shutdown_s() + grpc_stop_s(settings) + 5
 
 
 def distribution(requirement: str) -> str:

@@ -40,9 +40,10 @@ from serving import guard
 from serving.cores import plan_cores
 from serving.settings import Settings
 from tests.conftest import serving
-from tests.processes import ROOT, Proc, environ, need, start_nginx
+from tests.processes import ROOT, Proc, environ, free_port, need, start_nginx
 
 K8S = ROOT / "deploy" / "k8s"
+SERVICE_PY = ROOT / "serving" / "service.py"
 OVERLAYS = ("cpu", "gpu")
 KUBERNETES_VERSION = "1.32.0"  # the API the manifests are written for (kubectl here is v1.32)
 CRD_VALIDATORS = ROOT / "tests" / "data" / "crd-validators"
@@ -154,8 +155,23 @@ def dockerfile_cmd() -> str:
     return line
 
 
+def container_ports(container: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The api container's ports, exactly two: http (PORT) first, then grpc (GRPC_PORT)."""
+    http, grpc = container["ports"]
+    assert (http["name"], grpc["name"]) == ("http", "grpc")
+    return http, grpc
+
+
 def graceful_shutdown_s() -> float:
     return float(re.search(r"--timeout-graceful-shutdown (\d+)", dockerfile_cmd()).group(1))
+
+
+def grpc_stop_s(settings: Settings) -> float:
+    """How long the gRPC server's stop may take (calls in flight finish): it comes after uvicorn's HTTP
+    drain, in the app's lifespan shutdown (serving/service.py); 0 without GRPC_PORT."""
+    m = re.search(r"grpc_server\.stop\(grpc, current\.request_timeout_s \+ ([0-9.]+)\)", SERVICE_PY.read_text())
+    assert m, "serving/service.py no longer stops gRPC with REQUEST_TIMEOUT_MS + a margin: update grpc_stop_s"
+    return settings.request_timeout_s + float(m.group(1)) if settings.grpc_port else 0.0
 
 
 def prestop_s(container: dict[str, Any]) -> float:
@@ -250,8 +266,11 @@ def test_the_container_runs_the_dockerfiles_cmd(rendered: dict[str, list[dict[st
     env = {v["name"]: v.get("value") for v in container["env"]}
     image_env = dockerfile_env()
     assert env["APP"] == "batched_server:app" and hasattr(batched_server, "app")
-    [port] = container["ports"]
-    assert port["name"] == "http" and str(port["containerPort"]) == env["PORT"] == image_env["PORT"]
+    http, grpc = container_ports(container)
+    assert str(http["containerPort"]) == env["PORT"] == image_env["PORT"]
+    # gRPC (GRPC_PORT) on the container's second port: what the server in the pod reads, as the image sets it
+    assert str(grpc["containerPort"]) == env["GRPC_PORT"] == image_env["GRPC_PORT"]
+    assert pod_settings(rendered[overlay]).grpc_port == grpc["containerPort"] != http["containerPort"]
     assert container["image"].split(":")[0] == "sentimentalyzer"  # what deploy/Dockerfile's header tags
     # the read-only root filesystem leaves writable exactly what the image writes to: the engine's
     # socket and its lock file beside it included, or the first front end could not start the engine
@@ -302,7 +321,7 @@ def test_probes_ask_the_routes_the_app_serves(rendered: dict[str, list[dict[str,
         "readinessProbe": "/ready",
         "livenessProbe": "/health",
     }
-    assert {p["port"] for p in probes.values()} == {container["ports"][0]["name"]}
+    assert {p["port"] for p in probes.values()} == {container_ports(container)[0]["name"]}  # HTTP's
     routes = {r.path for r in batched_server.create_app(Settings()).routes}
     assert {"/ready", "/health", "/metrics"} <= routes
     assert {"/ready", "/health"} <= guard.EXEMPT_PATHS  # probes carry no key
@@ -365,8 +384,11 @@ def test_grace_period_covers_the_prestop_pause_and_the_drain(
     pause, drain = prestop_s(container), graceful_shutdown_s()
     # a request queued at SIGTERM is answered (or 504) within REQUEST_TIMEOUT_MS, inside uvicorn's own cap
     assert drain >= settings.request_timeout_s + 5
-    # the grace period counts from deletion, the preStop pause included; 5 s left for the process to exit
-    assert pod["terminationGracePeriodSeconds"] >= pause + drain + 5
+    # the grace period counts from deletion, the preStop pause included; then uvicorn's HTTP drain, the
+    # gRPC server's stop (GRPC_PORT is set in the pod), and 5 s left for the process to exit
+    grpc_stop = grpc_stop_s(pod_settings(objects))
+    assert grpc_stop > 0
+    assert pod["terminationGracePeriodSeconds"] >= pause + drain + grpc_stop + 5
     assert pause >= 5  # endpoint removal reaches every kube-proxy and ingress in a few seconds
 
 
@@ -377,8 +399,12 @@ def test_service_monitor_scrapes_every_pod_with_a_key(rendered: dict[str, list[d
     pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
-    [port] = service["spec"]["ports"]
-    assert port["targetPort"] == api_container(objects)["ports"][0]["name"]
+    port, grpc = service["spec"]["ports"]
+    http_target, grpc_target = container_ports(api_container(objects))
+    assert port["targetPort"] == http_target["name"] and port["name"] == "http"
+    # gRPC by the container's port name; h2c: plaintext HTTP/2, for meshes and gateways that read it
+    assert (grpc["name"], grpc["targetPort"], grpc["appProtocol"]) == ("grpc", grpc_target["name"], "kubernetes.io/h2c")
+    assert grpc["port"] != port["port"]
     [endpoint] = monitor["spec"]["endpoints"]
     assert (endpoint["port"], endpoint["path"]) == (port["name"], "/metrics")
     credentials = endpoint["authorization"]["credentials"]
@@ -527,6 +553,7 @@ def test_sizing_measured_rss_fits_the_memory_limit(rendered: dict[str, list[dict
     psutil = pytest.importorskip("psutil")
     # REQUEST_TIMEOUT_MS raised so that the heaviest batch is computed even on a slow shared machine
     env = {**pod_settings_env(rendered["cpu"]), "MODEL_ID": "stand-in", "REQUEST_TIMEOUT_MS": "300000"}
+    env["GRPC_PORT"] = str(free_port())  # served as in the pod, on a port free here
     for name in ("REDIS_URL", "API_KEYS", "RATE_LIMIT"):  # no Redis or keys needed to measure memory
         env.pop(name)
     proc = Proc.uvicorn(

@@ -6,7 +6,9 @@ One cluster for the module, on 127.0.0.1 and free ports: redis-server; replica A
 under `uvicorn --workers 2` with PROMETHEUS_MULTIPROC_DIR and text logs; replica B = one process with
 LOG_FORMAT=json; both with API_KEYS, RATE_LIMIT and REDIS_URL; nginx running deploy/nginx.conf over
 both. Tests that need a binary skip with the Debian package to install. The last test stops replica
-B, so it stays last. Every process is started in its own session and killed in teardown.
+B, so it stays last. Every process is started in its own session and killed in teardown. The gRPC test
+runs a server of its own (GRPC_PORT, API_KEYS; no cluster needed) behind deploy/nginx.conf's gRPC
+listener: `pytest tests/test_scaleout.py -q -k grpc` starts that one server only.
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 import redis
 from prometheus_client import CollectorRegistry, multiprocess
 
-from tests.processes import Proc, eventually, start_nginx, start_uvicorn, wait_until_ok
+from serving import grpc_predict_v2_pb2 as pb
+from serving.grpc_server import SERVICE
+from tests.processes import Proc, eventually, free_port, need, start_nginx, start_uvicorn, wait_until_ok
 from tests.test_ops import sample, scrape
 
 KEYS = ("k-metrics", "k-shared", "k-nginx", "k-logs", "k-failover", "k-stub")
@@ -227,6 +232,123 @@ def test_nginx_skips_a_replica_that_is_not_ready(cluster: Cluster) -> None:
         stub.server_close()
     assert statuses == [200] * 6
     assert NotReady.hits >= 1  # it was in the rotation, and its 503s were retried on the ready replica
+
+
+class CountingReplica:
+    """A gRPC server that answers every ModelInfer with a model_name of "stub" and counts them."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.server = grpc.server(ThreadPoolExecutor(2))
+        infer = grpc.unary_unary_rpc_method_handler(
+            self.infer,
+            request_deserializer=pb.ModelInferRequest.FromString,
+            response_serializer=pb.ModelInferResponse.SerializeToString,
+        )
+        self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {"ModelInfer": infer})])
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def infer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
+        self.calls += 1
+        return pb.ModelInferResponse(model_name="stub", id=request.id)
+
+
+def model_infer(channel: grpc.Channel) -> grpc.UnaryUnaryMultiCallable:
+    return channel.unary_unary(
+        f"/{SERVICE}/ModelInfer",
+        request_serializer=pb.ModelInferRequest.SerializeToString,
+        response_deserializer=pb.ModelInferResponse.FromString,
+    )
+
+
+def test_grpc_passes_through_nginx_to_the_replicas_call_by_call(tiny_model_dir: str, tmp_path: Path) -> None:
+    """deploy/nginx.conf's gRPC listener: OIP ModelInfer by tritonclient through nginx to a real batched
+    server, its key, request ID and status passing, a 2 MiB call refused by the app, not by nginx; a
+    replica refusing connections (not warm yet) is skipped; and calls on one client connection go to
+    each replica in turn."""
+    from tests.test_grpc import grpcclient, infer_request, text_input  # skips here without tritonclient
+
+    need("nginx", "nginx")  # before paying for a server start
+    grpc_port, key = free_port(), "k-grpc"
+    replica, url = start_uvicorn(
+        "grpc-replica",
+        tmp_path,
+        "batched_server:app",
+        {"MODEL_ID": tiny_model_dir, "MODEL_FALLBACK": "0", "DEVICE": "cpu", "DTYPE": "fp32", "API_KEYS": key,
+         "GRPC_PORT": str(grpc_port)},
+    )  # fmt: skip
+    stub, procs = CountingReplica(), []
+    keyed = {"authorization": f"Bearer {key}"}
+    infer_path = "/v2/models/sentiment/infer"
+
+    def served(status: str) -> float:  # the replica's own count of the route gRPC's ModelInfer is served by
+        text = httpx.get(f"{url}/metrics", headers={"X-API-Key": key}, timeout=10).text
+        return sample(scrape(text), "sentimentalyzer_requests_total", endpoint=infer_path, status=status)
+
+    try:
+        wait_until_ok(replica, f"{url}/ready")
+        # 1. the real replica and one whose gRPC port is closed, as a replica's is until its model is warm
+        at = free_port()
+        nginx, _ = start_nginx(
+            tmp_path / "nginx",
+            [url.removeprefix("http://")],
+            at,
+            [f"127.0.0.1:{grpc_port}", f"127.0.0.1:{free_port()}"],
+        )
+        procs.append(nginx)
+        before = served("200"), served("401")
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{at}")
+        texts = ["I loved it", "dull and far too long", "It was fine, I guess"]
+        try:
+            for _ in range(4):  # every call answered by the warm replica, whichever nginx tried first
+                result = client.infer("sentiment", [text_input(texts)], headers=keyed, client_timeout=20)
+                assert [x.decode() for x in result.as_numpy("label").ravel()] == [
+                    httpx.post(f"{url}/predict", json={"text": t}, headers={"X-API-Key": key}).json()["label"]
+                    for t in texts
+                ]
+            with pytest.raises(grpcclient.InferenceServerException) as refused:
+                client.infer("sentiment", [text_input(texts)], client_timeout=20)  # no key
+            assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
+        finally:
+            client.close()
+        assert (served("200") - before[0], served("401") - before[1]) == (4, 1)
+        with grpc.insecure_channel(f"127.0.0.1:{at}") as channel:
+            call = model_infer(channel)
+            metadata = (*keyed.items(), ("x-request-id", "grpc-through-nginx"))
+            _, given = call.with_call(infer_request(texts), metadata=metadata, timeout=20)
+            _, minted = call.with_call(infer_request(texts), metadata=tuple(keyed.items()), timeout=20)
+            # 2 MiB: within gRPC's and nginx's 4 MiB, so the replica refuses it in the protocol's terms
+            with pytest.raises(grpc.RpcError) as too_big:
+                call(infer_request(["x" * 32768] * 64), metadata=tuple(keyed.items()), timeout=20)
+        assert too_big.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "1048576" in too_big.value.details()
+        assert dict(given.trailing_metadata())["x-request-id"] == "grpc-through-nginx"
+        rid = dict(minted.trailing_metadata())["x-request-id"]  # minted by nginx, kept by the app
+        assert re.fullmatch(r"[0-9a-f]{32}", rid) and eventually(
+            lambda: f"rid={rid}" in (tmp_path / "nginx" / "access.log").read_text()
+        )
+        # 2. the real replica and the stub: one client connection, each call to the next replica
+        at = free_port()
+        procs.append(
+            start_nginx(
+                tmp_path / "nginx-rr",
+                [url.removeprefix("http://")],
+                at,
+                [f"127.0.0.1:{grpc_port}", f"127.0.0.1:{stub.port}"],
+            )[0]
+        )
+        with grpc.insecure_channel(f"127.0.0.1:{at}") as channel:
+            call = model_infer(channel)
+            names = [
+                call(infer_request(["I loved it"]), metadata=tuple(keyed.items()), timeout=20).model_name
+                for _ in range(10)
+            ]
+        assert sorted(set(names)) == ["sentiment", "stub"] and names.count("stub") == stub.calls == 5, names
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        stub.server.stop(0)
+        replica.stop()
 
 
 def test_stopping_a_replica_keeps_requests_succeeding(cluster: Cluster, nginx_url: str) -> None:  # keep last: stops B
