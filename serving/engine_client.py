@@ -44,6 +44,7 @@ LOST_AFTER_S = 2.0  # no heartbeat for this long: the engine is gone or frozen
 BACKOFF_S = (0.5, 30.0)  # first and longest wait before starting a dead engine again
 STABLE_S = 30.0  # an engine that lived this long died of something else than a crash loop
 START_LIMIT_S = 900.0  # the longest a first start (load and warm-up) may take
+READ_BURST = 256  # messages read in one go before the loop runs anything else
 _apps = itertools.count(1)
 
 
@@ -85,6 +86,10 @@ class EngineClient:
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._lock: IO[str] | None = None
         self._sock: zmq.asyncio.Socket | None = None
+        self._raw: zmq.Socket[bytes] | None = None  # the same socket, for sends and reads that never wait
+        self._outbox: list[bytes] = []  # frames for the engine, sent once per loop turn
+        self._flush_handle: asyncio.Handle | None = None
+        self._late_sends = 0  # sends waiting on the engine (not there yet, or its queue full): keep order
         self._ctx: zmq.asyncio.Context | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._lost_timer: asyncio.TimerHandle | None = None
@@ -108,6 +113,7 @@ class EngineClient:
         self._sock.setsockopt(zmq.IMMEDIATE, 1)  # nothing queues for an engine that is not there
         monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._sock.connect(f"ipc://{self.path}")
+        self._raw = zmq.Socket.shadow(self._sock.underlying)
         self._tasks.append(asyncio.create_task(self._read(), name="engine-reader"))
         self._tasks.append(asyncio.create_task(self._watch(monitor), name="engine-watch"))
         self._while_down()
@@ -128,6 +134,7 @@ class EngineClient:
         self._stopping = True
         if self._sock is not None:
             self._send(wire.Bye(os.getpid()))
+            self._flush()  # now: the socket may close before the loop turns again
         if self.proc is not None and self.proc.returncode is None:
             try:
                 await asyncio.wait_for(self.proc.wait(), self.settings.request_timeout_s + 10)
@@ -186,14 +193,46 @@ class EngineClient:
             self._pending.pop(rid, None)
 
     def _send(self, msg: wire.ToEngine) -> None:
-        assert self._sock is not None
-        sent = self._sock.send(wire.encode(msg))
-        asyncio.ensure_future(sent).add_done_callback(_settle)
+        # Requests that arrive in one loop turn travel to the engine in one message.
+        self._outbox.append(wire.encode(msg))
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        assert self._sock is not None and self._raw is not None
+        self._flush_handle = None
+        frames, self._outbox = self._outbox, []
+        if not frames or self._sock.closed:
+            return
+        if not self._late_sends:
+            try:
+                self._raw.send_multipart(frames, flags=zmq.NOBLOCK)
+                return
+            except zmq.Again:  # no engine connected yet (IMMEDIATE) or its queue is full: wait, in order
+                pass
+        self._late_sends += 1
+        asyncio.ensure_future(self._sock.send_multipart(frames)).add_done_callback(self._sent_late)
+
+    def _sent_late(self, future: asyncio.Future[Any]) -> None:
+        self._late_sends -= 1
+        _settle(future)
 
     async def _read(self) -> None:
-        assert self._sock is not None
+        assert self._sock is not None and self._raw is not None
         while True:
-            msg = wire.decode_from_engine(await self._sock.recv())
+            message = await self._sock.recv_multipart()
+            for _ in range(READ_BURST):  # then what else has arrived, without a future per message
+                self._take(message)
+                try:
+                    message = self._raw.recv_multipart(flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+            else:
+                self._take(message)
+
+    def _take(self, message: list[bytes]) -> None:
+        for frame in message:
+            msg = wire.decode_from_engine(frame)
             if isinstance(msg, wire.Status):
                 self._beat(msg)
                 continue

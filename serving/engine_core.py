@@ -28,7 +28,6 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -43,6 +42,7 @@ from serving.settings import Settings
 
 log = logging.getLogger("sentimentalyzer.engine_core")
 HEARTBEAT_S = 0.1  # how often front ends hear from the engine; they call it lost after a few misses
+READ_BURST = 256  # messages read in one go before the loop runs anything else
 PR_SET_PDEATHSIG = 1
 
 
@@ -58,13 +58,19 @@ class EngineCore:
         self.seen_front = False
         self.pending: dict[tuple[bytes, int], list[asyncio.Future[Done[Prediction]]]] = {}
         self.sock: zmq.asyncio.Socket | None = None
+        self.raw: zmq.Socket[bytes] | None = None  # the same socket, for sends and reads that never wait
+        self.outbox: dict[bytes, list[bytes]] = {}  # frames per front end, sent once per loop turn
+        self.flush: asyncio.Handle | None = None
         self.done = asyncio.Event()
+        self.answered = asyncio.Event()  # set while no request waits for its answer
+        self.answered.set()
 
     async def serve(self) -> None:
         ctx = zmq.asyncio.Context()
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.bind(self.address)
+        self.raw = zmq.Socket.shadow(self.sock.underlying)
         beats = asyncio.create_task(self._heartbeats())
         reader = asyncio.create_task(self._read())
         try:
@@ -73,6 +79,9 @@ class EngineCore:
         finally:
             if self.batcher is not None:
                 await self.batcher.stop()  # every item still queued is computed and answered
+            with contextlib.suppress(TimeoutError):  # their answers' callbacks run a loop turn or two later
+                await asyncio.wait_for(self.answered.wait(), 1.0)
+            self._flush()  # and are sent before the socket closes
             reader.cancel()
             beats.cancel()
             self.sock.close()
@@ -119,15 +128,38 @@ class EngineCore:
     # --------------------------------------------------------------------------------- the socket
 
     def _send(self, identity: bytes, msg: wire.FromEngine) -> None:
-        assert self.sock is not None
-        # a ROUTER drops what it cannot route (a front end that is gone): nothing to wait for
-        sent = self.sock.send_multipart([identity, wire.encode(msg)])
-        asyncio.ensure_future(sent).add_done_callback(_settle)
+        # A pass answers many requests at once: one message per front end per loop turn, not one each.
+        self.outbox.setdefault(identity, []).append(wire.encode(msg))
+        if self.flush is None:
+            self.flush = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        assert self.raw is not None
+        self.flush = None
+        outbox, self.outbox = self.outbox, {}
+        for identity, frames in outbox.items():
+            try:  # a ROUTER drops what it cannot route (a front end that is gone) rather than wait
+                self.raw.send_multipart([identity, *frames], flags=zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                log.debug("dropped %d messages to a front end: %s", len(frames), exc)
 
     async def _read(self) -> None:
-        assert self.sock is not None
+        assert self.sock is not None and self.raw is not None
         while True:
-            identity, frame = await self.sock.recv_multipart()
+            message = await self.sock.recv_multipart()
+            # then whatever else has arrived, without a future per message (bounded: others get a turn)
+            for _ in range(READ_BURST):
+                self._take(message)
+                try:
+                    message = self.raw.recv_multipart(flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+            else:
+                self._take(message)
+
+    def _take(self, message: list[bytes]) -> None:
+        identity, *frames = message
+        for frame in frames:
             try:
                 msg = wire.decode_to_engine(frame)
             except Exception:  # msgspec's DecodeError or ValidationError: a bad frame, not a bad engine
@@ -168,19 +200,30 @@ class EngineCore:
             return self._send(identity, wire.Failed(msg.rid, "stopped", "server shutting down"))
         self.metrics.queue_depth.set(batcher.depth)
         self.pending[(identity, msg.rid)] = futures
-        # one gather per request, not a task per item: its callback answers the front end once
-        gathered = asyncio.gather(*futures)
-        gathered.add_done_callback(functools.partial(self._answer, identity, msg.rid, time.perf_counter()))
+        self.answered.clear()
+        # one callback per request, not a task per item: it answers the front end once
+        answer = functools.partial(self._answer, identity, msg.rid, time.perf_counter())
+        if len(futures) == 1:  # most requests: no gather's extra future and callbacks
+            futures[0].add_done_callback(answer)
+        else:
+            asyncio.gather(*futures).add_done_callback(answer)
 
     def _answer(
-        self, identity: bytes, rid: int, received: float, gathered: asyncio.Future[list[Done[Prediction]]]
+        self,
+        identity: bytes,
+        rid: int,
+        received: float,
+        outcome: asyncio.Future[list[Done[Prediction]]] | asyncio.Future[Done[Prediction]],
     ) -> None:
         self.pending.pop((identity, rid), None)
-        if gathered.cancelled():
+        if not self.pending:
+            self.answered.set()
+        if outcome.cancelled():
             return self._send(identity, wire.Failed(rid, "cancelled", "client disconnected"))
-        exc = gathered.exception()
+        exc = outcome.exception()
         if exc is None:
-            done = gathered.result()
+            result = outcome.result()
+            done = result if isinstance(result, list) else [result]
             preds = [d.value for d in done]
             return self._send(
                 identity,
@@ -251,9 +294,14 @@ class EngineCore:
             m.queue_depth.set(self.batcher.depth)
 
 
-def _settle(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where it is installed (as the front ends run under uvicorn): its loop turn is cheaper,
+    and the engine's loop turns once for every message it reads and every answer it sends."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def _factory(spec: str) -> Callable[[Settings, Source], Engine]:
@@ -300,7 +348,9 @@ def main(argv: list[str] | None = None) -> None:
     plan = plan_cores(settings, os.sched_getaffinity(0))
     apply_plan(plan)  # before any thread starts: threads inherit the affinity
     configure_logging(settings, everything=True)  # LOG_FORMAT=json covers the engine's lines too
-    asyncio.run(EngineCore(settings, source, plan, f"ipc://{args.socket}").serve())
+    core = EngineCore(settings, source, plan, f"ipc://{args.socket}")
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(core.serve())
 
 
 if __name__ == "__main__":

@@ -8,15 +8,26 @@ real processes in tests/test_reliability.py.
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
+import os
 import time
+from pathlib import Path
+from typing import ClassVar
 
 import msgspec
 import pytest
+import zmq
+import zmq.asyncio
 
 from serving import wire
-from serving.cores import plan_cores
-from serving.engine_client import socket_path
+from serving.cores import CorePlan, plan_cores
+from serving.engine_client import EngineClient, socket_path
+from serving.engine_core import EngineCore
+from serving.ops import Observability
 from serving.settings import Settings, parse_cpus
+from serving.source import Source
+from serving.text import Prediction
 
 
 @pytest.fixture
@@ -87,3 +98,109 @@ def test_every_message_round_trips_and_a_foreign_frame_is_refused() -> None:
         wire.decode_to_engine(wire.encode(answer))  # an engine's message is no front end's
     with pytest.raises(msgspec.DecodeError):
         wire.decode_from_engine(b"\x93not msgpack")
+
+
+# ------------------------------------------------------------------------------- the hop, in process
+
+
+class StubEngine:
+    """Cost-free model for EngineCore: answers every text, records the batch sizes it was given."""
+
+    packed = None
+    max_pass_tokens = 512
+    batches: ClassVar[list[int]] = []
+
+    def warmup(self) -> None:
+        pass
+
+    def describe(self) -> dict[str, object]:
+        return {"backend": "stub"}
+
+    def predict_ids(self, batch: list[list[int]], on_pass: object = None) -> list[Prediction]:
+        StubEngine.batches.append(len(batch))
+        return [Prediction("POSITIVE", len(ids) / 100, len(batch)) for ids in batch]
+
+
+def stub_engine(settings: Settings, source: Source) -> StubEngine:
+    return StubEngine()
+
+
+async def _recv(sock: zmq.asyncio.Socket, timeout_s: float = 10.0) -> list[bytes]:
+    return await asyncio.wait_for(sock.recv_multipart(), timeout_s)
+
+
+async def _ready(sock: zmq.asyncio.Socket) -> None:
+    async with asyncio.timeout(10):
+        while True:  # Status heartbeats until the engine is warm
+            frames = await _recv(sock)
+            if any(isinstance(m, wire.Status) and m.ready for m in map(wire.decode_from_engine, frames)):
+                return
+
+
+@pytest.mark.anyio
+async def test_the_engine_takes_requests_sent_together_and_answers_a_pass_in_one_message(tmp_path: Path) -> None:
+    settings = fp32(engine_factory="tests.test_engine_parts:stub_engine", max_wait_ms=50)
+    core = EngineCore(settings, Source(str(tmp_path), "local"), CorePlan(1, (), "test"), f"ipc://{tmp_path}/e.sock")
+    serving_task = asyncio.create_task(core.serve())
+    ctx = zmq.asyncio.Context()
+    front = ctx.socket(zmq.DEALER)
+    front.connect(f"ipc://{tmp_path}/e.sock")
+    try:
+        await front.send(wire.encode(wire.Hello(os.getpid())))
+        await _ready(front)
+        StubEngine.batches.clear()
+        submits = [wire.Submit(rid, [[101] * rid], time.monotonic()) for rid in range(1, 6)]
+        await front.send_multipart([wire.encode(m) for m in submits])  # five requests, one message
+        answers: list[wire.Answer] = []
+        async with asyncio.timeout(10):  # heartbeats keep coming: bound the wait for answers
+            while len(answers) < 5:
+                msgs = [wire.decode_from_engine(f) for f in await _recv(front)]
+                got = [m for m in msgs if isinstance(m, wire.Answer)]
+                assert not got or len(got) == 5, f"a pass's answers split over messages: {len(got)} of 5 in one"
+                answers += got
+        assert StubEngine.batches == [5]
+        assert sorted(a.rid for a in answers) == [1, 2, 3, 4, 5]
+        assert all(a.scores == [a.rid / 100] for a in answers)  # each answer is its own request's
+        await front.send(wire.encode(wire.Bye(os.getpid())))
+        await asyncio.wait_for(serving_task, 10)
+    finally:
+        serving_task.cancel()  # on a failure above: the engine still stops and closes its socket
+        await asyncio.gather(serving_task, return_exceptions=True)
+        front.close(linger=0)
+        ctx.term()
+
+
+@pytest.mark.anyio
+async def test_a_front_end_sends_requests_of_one_loop_turn_together_and_reads_answers_sent_together(
+    tmp_path: Path,
+) -> None:
+    settings = fp32(engine_socket=str(tmp_path / "e.sock"))
+    lock = open(tmp_path / "e.lock", "a+")  # noqa: SIM115  # held: the client attaches, never starts an engine
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    ctx = zmq.asyncio.Context()
+    engine = ctx.socket(zmq.ROUTER)
+    engine.bind(f"ipc://{tmp_path}/e.sock")
+    client = EngineClient(settings, Source(str(tmp_path), "local"), Observability("batched", engine_side=False))
+    try:
+        starting = asyncio.create_task(client.start())
+        identity, hello = await _recv(engine)
+        assert isinstance(wire.decode_to_engine(hello), wire.Hello)
+        status = wire.Status(pid=os.getpid(), ready=True, depth=0, busy_s=0.0, passes=0)
+        await engine.send_multipart([identity, wire.encode(status)])
+        await asyncio.wait_for(starting, 10)
+        calls = [asyncio.create_task(client.submit([[101, n]], time.monotonic())) for n in range(4)]
+        message = await _recv(engine)
+        while len(message) == 2 and isinstance(wire.decode_to_engine(message[1]), wire.Hello):
+            message = await _recv(engine)  # a Hello or two sent while it was attaching
+        submits = [wire.decode_to_engine(f) for f in message[1:]]
+        assert [type(m) for m in submits] == [wire.Submit] * 4, "requests of one loop turn went apart"
+        replies = [wire.Answer(m.rid, ["NEGATIVE"], [m.rid / 10], [4], [1.0], [0.0], [None]) for m in submits]  # type: ignore[union-attr]
+        await engine.send_multipart([identity, *map(wire.encode, replies)])  # four answers, one message
+        answers = await asyncio.wait_for(asyncio.gather(*calls), 10)
+        assert [a.rid for a in answers] == [m.rid for m in submits]  # type: ignore[union-attr]
+        assert [a.scores for a in answers] == [[r.scores[0]] for r in replies]
+    finally:
+        await client.stop()
+        engine.close(linger=0)
+        ctx.term()
+        lock.close()
