@@ -10,11 +10,19 @@
     python -m harness.bench --only batched,naive-threadpool --users 8,32 --duration 15
     python -m harness.bench --ops --only ops --out results/cpu-2core-ops   # keys, rate limit, JSON logs: on vs off
     python -m harness.bench --protocols --only protocol --corpus data/short.txt --out results/cpu-avx2-protocols
+    python -m harness.bench --protocols --only protocol --tiny-model --out results/cpu-avx2-protocols-tiny
     python -m harness.bench --cache --only cache --out results/cpu-avx2-cache   # cache off/on (harness/bench_groups.py)
     python -m harness.bench --min-answers 200 --max-duration-s 120   # the defaults: every row holds 200 answers
     python -m harness.bench --wrk-users 32           # the default: 32-user rows also run wrk (0: no wrk)
     MODEL_ID=stand-in DTYPE=int8 python -m harness.bench   # server settings come from the environment
                                                    # (API_KEYS, RATE_LIMIT and REDIS_URL are left out)
+
+--tiny-model runs every row on the tests' tiny DistilBERT (harness/fronts.py's tiny_model: 2 layers, dim 32,
+the real tokenizer) instead of MODEL_ID: built into a temporary folder, which becomes MODEL_ID (with
+MODEL_FALLBACK=0) for everything the run starts, the model limit and the servers, and is removed after.
+Its forward pass costs well under a millisecond, so the rows measure the transport and the front ends
+(the protocol rows: JSON, v2 over HTTP and gRPC) rather than the model; environment.json and summary.md
+say `model_source: tiny`.
 
 For each configuration it starts `uvicorn <module>:app` on a free port with that configuration's
 environment, waits for GET /ready, and for each user count warms up (unrecorded Locust load), runs
@@ -42,12 +50,15 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -91,6 +102,7 @@ SUMMARY_FIELDS = [
     *bench_groups.COLUMNS,
 ]
 MIN_ANSWERS = 200  # a row with fewer is noise: its p99 is one or two requests
+TINY_MODEL = "tiny DistilBERT (harness.fronts.tiny_model: 2 layers, dim 32, seed 1), real uncased tokenizer"
 
 
 @dataclass(frozen=True)
@@ -656,6 +668,24 @@ def model_limit(a: argparse.Namespace, out: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
+@contextmanager
+def model_override(tiny: bool) -> Iterator[dict[str, str]]:
+    """--tiny-model: the tiny model built into a temporary folder and set as MODEL_ID in os.environ for the
+    run, so the model limit's subprocess and every server inherit it (and environment.json's env records
+    it); yields what environment.json then says of the model instead of the servers' /ready ({} without
+    the flag, which changes nothing)."""
+    if not tiny:
+        yield {}
+        return
+    from harness.fronts import tiny_model  # torch and transformers: only for this flag
+
+    with tempfile.TemporaryDirectory(prefix="bench-tiny-") as tmp:
+        # no fallback: a folder that does not load must fail the run, not measure the stand-in
+        model = {"MODEL_ID": tiny_model(Path(tmp) / "tiny"), "MODEL_FALLBACK": "0"}
+        with mock.patch.dict(os.environ, model):
+            yield {"model_id": TINY_MODEL, "model_source": "tiny"}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke test, under 2 minutes")
@@ -679,6 +709,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--max-duration-s", type=float, help="longest run of a row (default 120 s; --quick: 10 s)")
     ap.add_argument("--wrk-users", type=int, help="rows at this user count also run wrk (default 32; 0: none)")
+    ap.add_argument(
+        "--tiny-model",
+        action="store_true",
+        help="every server (and the model limit) on the tests' tiny DistilBERT instead of MODEL_ID, so a row "
+        "measures the transport and the front ends, not the model",
+    )
     bench_groups.add_arguments(ap)  # --protocols, --cache and its settings
     a = ap.parse_args(argv)
     if a.min_answers is not None and a.min_answers < 0 or a.max_duration_s is not None and a.max_duration_s <= 0:
@@ -771,6 +807,13 @@ def run_settings(a: argparse.Namespace, p: Profile, cfgs: list[Config], load_at_
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     p, cfgs = select(a)
+    with model_override(a.tiny_model) as model:
+        return run_all(a, p, cfgs, model)
+
+
+def run_all(a: argparse.Namespace, p: Profile, cfgs: list[Config], model: dict[str, str]) -> int:
+    """The whole run: the model limit, every configuration, the report; `model` overrides what
+    environment.json says of the model (model_override)."""
     out = Path(a.out or f"results/{datetime.now():%Y%m%d-%H%M%S}-{a.profile_name}")
     (out / "logs").mkdir(parents=True, exist_ok=True)
     limit_cost = 12.0 + 2 * len(p.limit_batches) * p.limit_s
@@ -779,7 +822,8 @@ def main(argv: list[str] | None = None) -> int:
         limit_cost + sum(start_cost(c, a.gpu) + sum(point_cost(r, p, u) for u, r in points(c)) for c in cfgs)
     )
     print(
-        f"bench: {len(cfgs)} configurations, corpus {a.corpus}, out {out}, about {fmt_s(progress.planned)} planned",
+        f"bench: {len(cfgs)} configurations, corpus {a.corpus}, out {out}, about {fmt_s(progress.planned)} planned"
+        + (f"; MODEL_ID={os.environ['MODEL_ID']} (--tiny-model)" if model else ""),
         flush=True,
     )
     load_at_start = os.getloadavg()[0]  # before any of our own work: what else is using the machine
@@ -797,11 +841,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows: list[dict[str, Any]] = []
     servers: dict[str, Any] = {}
-    run = run_settings(a, p, cfgs, load_at_start)
+    settings = run_settings(a, p, cfgs, load_at_start)
     for cfg in [None, *cfgs]:  # files are rewritten after each configuration: a stopped run keeps its rows
         rows += bench_config(cfg, p, a, out, progress, servers) if cfg else []
         write_summary(out / "summary.csv", add_ratios(rows, limit["bucketed"]["samples_per_s"] if limit else None))
-        env = environment(run, limit, servers)
+        env = {**environment(settings, limit, servers), **model}
         env["versions"]["wrk"] = a.wrk_version  # a binary, not a Python package: environment() can not see it
         (out / "environment.json").write_text(json.dumps(env, indent=2))
     from harness import report  # matplotlib only now, after every measurement

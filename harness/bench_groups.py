@@ -1,6 +1,7 @@
 """The bench's protocol and cache groups: their configurations, and the columns only they need.
 
     python -m harness.bench --protocols --only protocol --corpus data/short.txt --out results/cpu-avx2-protocols
+    python -m harness.bench --protocols --only protocol --tiny-model --out /tmp/protocols-tiny  # the transport shows
     python -m harness.bench --cache --only cache --out results/cpu-avx2-cache   # the HTTP ceiling comes along
     python -m harness.bench --cache --only cache --cache-corpus /tmp/dup.txt --cache-bytes 16000000
 

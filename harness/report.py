@@ -187,6 +187,9 @@ def header(env: dict[str, Any]) -> list[str]:
             ". The stand-in has the real architecture and tokenizer but random weights: its labels mean "
             "nothing, its cost per request is the real model's."
             if source == "stand-in"
+            else ". The tests' tiny model (--tiny-model): its forward pass costs well under a millisecond, so the "
+            "rows measure the transport and the front ends, not the model."
+            if source == "tiny"
             else ""
         ),
         f"- corpus: {env.get('corpus')}; batching settings: {json.dumps(env.get('batching'))}",

@@ -21,6 +21,7 @@ import dataclasses
 import http.server
 import importlib.util
 import json
+import os
 import re
 import shutil
 import struct
@@ -913,3 +914,43 @@ def test_markdown_has_the_sections_and_no_grpc_wrk_row(tmp_path):
     assert f"- proto-grpc: {groups_report.NO_WRK}." in wrk_part
     assert "- proto-v2-http: wrk posts the v2 body to /v2/models/sentiment/infer, as Locust does." in wrk_part
     assert "## Locust beside wrk (32 users, POST /predict, closed loop)" in md
+
+
+def test_tiny_model_is_the_model_id_of_every_server_the_run_starts(monkeypatch, tmp_path):
+    """--tiny-model: the protocol rows' server gets MODEL_ID = a folder holding the tests' tiny model (no
+    fallback), os.environ too (what the model limit's subprocess inherits), environment.json says so;
+    the shell's settings come back and the folder goes when the run ends. Without the flag, nothing changes."""
+    started: list[dict[str, str]] = []
+
+    def uvicorn(target: str, log: Path, env: dict[str, str], workers: int = 1) -> Any:
+        started.append(env)
+        return types.SimpleNamespace(url="http://127.0.0.1:1", grpc_url="")
+
+    monkeypatch.setattr(bench.Process, "uvicorn", staticmethod(uvicorn))
+    monkeypatch.setenv("MODEL_ID", "stand-in")
+    monkeypatch.setenv("MODEL_FALLBACK", "1")
+    corpus = ["--corpus", str(ROOT / "data" / "reviews.txt")]  # absolute: whatever the working directory
+    a = bench.parse_args([*corpus, "--protocols", "--only", "protocol", "--tiny-model"])
+    _, (server,) = bench.select(a)
+    with bench.model_override(a.tiny_model) as model:
+        bench.launch(server, tmp_path / "a.log")
+        folder = Path(started[0]["MODEL_ID"])
+        config = json.loads((folder / "config.json").read_text())
+        assert (config["n_layers"], config["dim"], config["hidden_dim"]) == (2, 32, 64)
+        assert config["id2label"] == {"0": "NEGATIVE", "1": "POSITIVE"} and (folder / "tokenizer.json").is_file()
+        assert started[0]["MODEL_FALLBACK"] == "0" and started[0]["GRPC_PORT"].isdigit()
+        assert (os.environ["MODEL_ID"], os.environ["MODEL_FALLBACK"]) == (str(folder), "0")
+    assert model == {"model_id": bench.TINY_MODEL, "model_source": "tiny"}
+    assert (os.environ["MODEL_ID"], os.environ["MODEL_FALLBACK"]) == ("stand-in", "1")
+    assert not folder.exists()
+    assert "(source: tiny). The tests' tiny model (--tiny-model)" in "\n".join(report.header(model))
+
+    plain = bench.parse_args(corpus)
+    with bench.model_override(plain.tiny_model) as nothing:
+        bench.launch(server, tmp_path / "b.log")
+    assert (plain.tiny_model, nothing, started[1]["MODEL_ID"], started[1]["MODEL_FALLBACK"]) == (
+        False,
+        {},
+        "stand-in",
+        "1",
+    )

@@ -6,17 +6,20 @@ One cluster for the module, on 127.0.0.1 and free ports: redis-server; replica A
 under `uvicorn --workers 2` with PROMETHEUS_MULTIPROC_DIR and text logs; replica B = one process with
 LOG_FORMAT=json; both with API_KEYS, RATE_LIMIT and REDIS_URL; nginx running deploy/nginx.conf over
 both. Tests that need a binary skip with the Debian package to install. The last test stops replica
-B, so it stays last. Every process is started in its own session and killed in teardown. The gRPC test
-runs a server of its own (GRPC_PORT, API_KEYS; no cluster needed) behind deploy/nginx.conf's gRPC
-listener: `pytest tests/test_scaleout.py -q -k grpc` starts that one server only.
+B, so it stays last. Every process is started in its own session and killed in teardown. The gRPC tests
+each run a server of their own (no cluster needed): one behind deploy/nginx.conf's gRPC listener
+(GRPC_PORT, API_KEYS), one under `--workers 2` whose front ends share GRPC_PORT (SO_REUSEPORT):
+`pytest tests/test_scaleout.py -q -k grpc` starts those two servers only.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import shutil
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -104,8 +107,8 @@ def served_predictions(url: str) -> float:
     return sample(scrape(metrics.text), "sentimentalyzer_requests_total", endpoint="/predict", status="200")
 
 
-def health_by_worker(metrics_dir: Path, tmp: Path) -> dict[int, float]:
-    """/health requests each worker counted, read from that worker's own multiprocess file."""
+def by_worker(metrics_dir: Path, tmp: Path, name: str, **labels: str) -> dict[int, float]:
+    """One counter's sample as each process counted it, read from that process's own multiprocess file."""
     counts = {}
     for db in metrics_dir.glob("counter_*.db"):
         pid = int(db.stem.split("_")[1])
@@ -114,10 +117,13 @@ def health_by_worker(metrics_dir: Path, tmp: Path) -> dict[int, float]:
         shutil.copy(db, alone / db.name)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, str(alone))
-        counts[pid] = (
-            registry.get_sample_value("sentimentalyzer_requests_total", {"endpoint": "/health", "status": "200"}) or 0.0
-        )
+        counts[pid] = registry.get_sample_value(name, labels) or 0.0
     return counts
+
+
+def health_by_worker(metrics_dir: Path, tmp: Path) -> dict[int, float]:
+    """/health requests each worker counted."""
+    return by_worker(metrics_dir, tmp, "sentimentalyzer_requests_total", endpoint="/health", status="200")
 
 
 def test_multiprocess_metrics_add_up_every_worker(cluster: Cluster) -> None:
@@ -349,6 +355,55 @@ def test_grpc_passes_through_nginx_to_the_replicas_call_by_call(tiny_model_dir: 
             proc.stop()
         stub.server.stop(0)
         replica.stop()
+
+
+def test_every_worker_serves_grpc_on_the_one_port(tiny_model_dir: str, tmp_path: Path) -> None:
+    """`uvicorn --workers 2` with GRPC_PORT: both front ends bind the one port (grpc.so_reuseport), so fresh
+    connections reach either, and each answers ModelInfer as HTTP does; which one answered is in each
+    worker's own multiprocess counter file. Once the server stops, the port refuses connections."""
+    from tests.test_grpc import grpcclient, text_input  # skips here without tritonclient
+
+    grpc_port, metrics_dir, texts = free_port(), tmp_path / "prometheus", ["I loved it", "dull and far too long"]
+    metrics_dir.mkdir()
+    server, url = start_uvicorn(
+        "grpc-workers",
+        tmp_path,
+        "batched_server:app",
+        {"MODEL_ID": tiny_model_dir, "MODEL_FALLBACK": "0", "DEVICE": "cpu", "DTYPE": "fp32",
+         "GRPC_PORT": str(grpc_port), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
+        workers=2,
+    )  # fmt: skip
+    try:
+        wait_until_ok(server, f"{url}/ready")
+        # /ready is one worker's answer: the other may still be warming up, its port not yet bound
+        bound = f"Open Inference Protocol over gRPC on port {grpc_port}"
+        eventually(lambda: server.popen.poll() is not None or server.text().count(bound) == 2, 60)
+        assert server.text().count(bound) == 2, server.tail(40)  # a worker that cannot bind stops the server
+        workers = {int(pid) for pid in re.findall(r"Started server process \[(\d+)\]", server.text())}
+        assert len(workers) == 2, server.tail(40)
+        expected = [httpx.post(f"{url}/predict", json={"text": t}, timeout=10).json()["label"] for t in texts]
+        calls, answered = 0, {}
+        while calls < 40 and len(answered) < 2:
+            # a channel of its own subchannel pool: a new TCP connection, which the kernel hands to either socket
+            client = grpcclient.InferenceServerClient(
+                f"127.0.0.1:{grpc_port}", channel_args=[("grpc.use_local_subchannel_pool", 1)]
+            )
+            try:
+                result = client.infer("sentiment", [text_input(texts)], client_timeout=20)
+            finally:
+                client.close()
+            assert [x.decode() for x in result.as_numpy("label").ravel()] == expected
+            calls += 1
+            counted = by_worker(
+                metrics_dir, tmp_path, "sentimentalyzer_grpc_requests_total", method="ModelInfer", code="OK"
+            )
+            answered = {pid: n for pid, n in counted.items() if n > 0}
+        assert set(answered) == workers, f"{calls} calls, answered by {answered}, workers {workers}"
+        assert sum(answered.values()) == calls
+    finally:
+        server.stop()
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", grpc_port)) == errno.ECONNREFUSED
 
 
 def test_stopping_a_replica_keeps_requests_succeeding(cluster: Cluster, nginx_url: str) -> None:  # keep last: stops B
