@@ -8,9 +8,10 @@ A front end (DEALER socket) sends Hello once, then Submit / Cancel / Query, and 
 engine (ROUTER) answers each Submit with exactly one Answer or Failed, each Query with MetricsText,
 and sends every front end a Status heartbeat. A ZeroMQ message carries one or more frames, one message
 each: what one side has to send in one loop turn (the answers of a pass, the requests that arrived
-together) goes as one message, so the hop's cost per request falls as the load rises. Typed msgspec structs, tagged by class name, so a
-malformed frame is a decode error and never a pickle. Times are time.monotonic(): Linux's
-CLOCK_MONOTONIC is one clock for every process on the machine, so an arrival time crosses the hop.
+together) goes as one message, so the hop's cost per request falls as the load rises. Typed msgspec
+structs, tagged by class name, so a malformed frame is a decode error and never a pickle. Times are
+time.monotonic(): Linux's CLOCK_MONOTONIC is one clock for every process on the machine, so an
+arrival time crosses the hop.
 """
 
 from __future__ import annotations
