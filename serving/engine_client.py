@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import IO, Any
 
 import zmq
-import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from serving import wire
+from serving.channel import Channel
 from serving.engine_launch import EngineProcess
 from serving.ops import Observability
 from serving.settings import Settings
@@ -44,7 +44,6 @@ LOST_AFTER_S = 2.0  # no heartbeat for this long: the engine is gone or frozen
 BACKOFF_S = (0.5, 30.0)  # first and longest wait before starting a dead engine again
 STABLE_S = 30.0  # an engine that lived this long died of something else than a crash loop
 START_LIMIT_S = 900.0  # the longest a first start (load and warm-up) may take
-READ_BURST = 256  # messages read in one go before the loop runs anything else
 _apps = itertools.count(1)
 
 
@@ -85,12 +84,11 @@ class EngineClient:
         self._rids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._lock: IO[str] | None = None
-        self._sock: zmq.asyncio.Socket | None = None
-        self._raw: zmq.Socket[bytes] | None = None  # the same socket, for sends and reads that never wait
-        self._outbox: list[bytes] = []  # frames for the engine, sent once per loop turn
+        self._channel: Channel | None = None
+        self._monitor: Channel | None = None
+        self._outbox: list[tuple[int, bytes]] = []  # (rid of a Submit or 0, frame): sent once per loop turn
         self._flush_handle: asyncio.Handle | None = None
-        self._late_sends = 0  # sends waiting on the engine (not there yet, or its queue full): keep order
-        self._ctx: zmq.asyncio.Context | None = None
+        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._lost_timer: asyncio.TimerHandle | None = None
         self._down_tick: asyncio.TimerHandle | None = None
@@ -107,15 +105,14 @@ class EngineClient:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._first_exit = loop.create_future()
-        self._ctx = zmq.asyncio.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.IMMEDIATE, 1)  # nothing queues for an engine that is not there
-        monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self._sock.connect(f"ipc://{self.path}")
-        self._raw = zmq.Socket.shadow(self._sock.underlying)
-        self._tasks.append(asyncio.create_task(self._read(), name="engine-reader"))
-        self._tasks.append(asyncio.create_task(self._watch(monitor), name="engine-watch"))
+        self._ctx = zmq.Context()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # nothing queues for an engine that is not there
+        self._monitor = Channel(sock.get_monitor_socket(zmq.EVENT_DISCONNECTED), self._watch)
+        sock.connect(f"ipc://{self.path}")
+        self._channel = Channel(sock, self._take)
+        self._monitor.start()
+        self._channel.start()
         self._while_down()
         warm: asyncio.Future[Any] = asyncio.ensure_future(self._warm.wait())
         await asyncio.wait([warm, self._first_exit], timeout=START_LIMIT_S, return_when=asyncio.FIRST_COMPLETED)
@@ -132,7 +129,7 @@ class EngineClient:
     async def stop(self) -> None:
         """Bye to the engine; the owner then waits until it has drained and exited (bounded)."""
         self._stopping = True
-        if self._sock is not None:
+        if self._channel is not None:
             self._send(wire.Bye(os.getpid()))
             self._flush()  # now: the socket may close before the loop turns again
         if self.proc is not None and self.proc.returncode is None:
@@ -148,8 +145,9 @@ class EngineClient:
             if timer is not None:
                 timer.cancel()
         self._fail_pending(EngineError("stopped", "server shutting down"))
-        if self._sock is not None:
-            self._sock.close()
+        for channel in (self._channel, self._monitor):
+            if channel is not None:
+                channel.close()
         if self._ctx is not None:
             self._ctx.term()
         if self._lock is not None:
@@ -194,41 +192,21 @@ class EngineClient:
 
     def _send(self, msg: wire.ToEngine) -> None:
         # Requests that arrive in one loop turn travel to the engine in one message.
-        self._outbox.append(wire.encode(msg))
+        self._outbox.append((msg.rid if isinstance(msg, wire.Submit) else 0, wire.encode(msg)))
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
-        assert self._sock is not None and self._raw is not None
         self._flush_handle = None
-        frames, self._outbox = self._outbox, []
-        if not frames or self._sock.closed:
+        outbox, self._outbox = self._outbox, []
+        if not outbox or self._channel is None or self._channel.send([frame for _, frame in outbox]):
             return
-        if not self._late_sends:
-            try:
-                self._raw.send_multipart(frames, flags=zmq.NOBLOCK)
-                return
-            except zmq.Again:  # no engine connected yet (IMMEDIATE) or its queue is full: wait, in order
-                pass
-        self._late_sends += 1
-        asyncio.ensure_future(self._sock.send_multipart(frames)).add_done_callback(self._sent_late)
-
-    def _sent_late(self, future: asyncio.Future[Any]) -> None:
-        self._late_sends -= 1
-        _settle(future)
-
-    async def _read(self) -> None:
-        assert self._sock is not None and self._raw is not None
-        while True:
-            message = await self._sock.recv_multipart()
-            for _ in range(READ_BURST):  # then what else has arrived, without a future per message
-                self._take(message)
-                try:
-                    message = self._raw.recv_multipart(flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-            else:
-                self._take(message)
+        # No engine connected (IMMEDIATE) or its queue full: the requests in it fail now, not later.
+        # A lost Hello, Cancel, Query or Bye is sent again by supervision, or no longer matters.
+        for rid, _ in outbox:
+            future = self._pending.get(rid)
+            if future is not None and not future.done():
+                future.set_exception(EngineError("down", "the engine is not connected or not reading; retry", 1.0))
 
     def _take(self, message: list[bytes]) -> None:
         for frame in message:
@@ -248,16 +226,12 @@ class EngineClient:
 
     # ----------------------------------------------------------------------------------- supervision
 
-    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+    def _watch(self, message: list[bytes]) -> None:
         """The kernel closes a dead engine's end of the socket at once: every front end hears of it
-        there, long before a missed heartbeat would tell (the owner also sees its child exit)."""
-        try:
-            while True:
-                event = parse_monitor_message(await monitor.recv_multipart())
-                if event["event"] == zmq.EVENT_DISCONNECTED and self.up and not self._stopping:
-                    self._lost("the engine closed its socket")
-        finally:
-            monitor.close(linger=0)
+        here, long before a missed heartbeat would tell (the owner also sees its child exit)."""
+        event = parse_monitor_message(message)
+        if event["event"] == zmq.EVENT_DISCONNECTED and self.up and not self._stopping:
+            self._lost("the engine closed its socket")
 
     def _beat(self, status: wire.Status) -> None:
         self.status = status
@@ -279,7 +253,7 @@ class EngineClient:
     def _no_heartbeat(self) -> None:
         # A front end whose own loop was held (a long GC pause, a blocking call, a paused process) runs
         # this timer before it reads the heartbeats that wait on its socket: those say the engine is alive.
-        if self._sock is not None and int(self._sock.get(zmq.EVENTS)) & zmq.POLLIN:
+        if self._channel is not None and int(self._channel.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             return self._arm_lost_timer()
         self._lost(f"no heartbeat for {LOST_AFTER_S:.0f} s")
 
@@ -351,9 +325,3 @@ class EngineClient:
         argv = ["--socket", str(self.path), "--parent", str(os.getpid()), "--settings", json.dumps(fields)]
         argv += ["--source", json.dumps(dataclasses.asdict(self.source))]
         return await EngineProcess.start(argv, env)
-
-
-def _settle(future: asyncio.Future[Any]) -> None:
-    """A send to an engine that is gone fails; that engine's callers hear of it from supervision."""
-    if not future.cancelled():
-        future.exception()

@@ -30,11 +30,11 @@ import time
 from collections.abc import Callable
 
 import zmq
-import zmq.asyncio
 from prometheus_client import CollectorRegistry
 
 from batcher import BatcherStopped, BatchInfo, DeadlineExceeded, Done, DynamicBatcher, QueueFull
 from serving import wire
+from serving.channel import Channel
 from serving.cores import CorePlan, apply_plan, plan_cores
 from serving.model import Engine, PassStats, Prediction, Source, load_engine
 from serving.ops import EngineMetrics, configure_logging
@@ -42,7 +42,6 @@ from serving.settings import Settings
 
 log = logging.getLogger("sentimentalyzer.engine_core")
 HEARTBEAT_S = 0.1  # how often front ends hear from the engine; they call it lost after a few misses
-READ_BURST = 256  # messages read in one go before the loop runs anything else
 PR_SET_PDEATHSIG = 1
 
 
@@ -57,8 +56,7 @@ class EngineCore:
         self.fronts: dict[bytes, int] = {}  # ZeroMQ identity -> front-end pid
         self.seen_front = False
         self.pending: dict[tuple[bytes, int], list[asyncio.Future[Done[Prediction]]]] = {}
-        self.sock: zmq.asyncio.Socket | None = None
-        self.raw: zmq.Socket[bytes] | None = None  # the same socket, for sends and reads that never wait
+        self.channel: Channel | None = None
         self.outbox: dict[bytes, list[bytes]] = {}  # frames per front end, sent once per loop turn
         self.flush: asyncio.Handle | None = None
         self.done = asyncio.Event()
@@ -66,13 +64,12 @@ class EngineCore:
         self.answered.set()
 
     async def serve(self) -> None:
-        ctx = zmq.asyncio.Context()
-        self.sock = ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 1000)
-        self.sock.bind(self.address)
-        self.raw = zmq.Socket.shadow(self.sock.underlying)
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.bind(self.address)
+        self.channel = Channel(sock, self._take)
+        self.channel.start()
         beats = asyncio.create_task(self._heartbeats())
-        reader = asyncio.create_task(self._read())
         try:
             await self._load()
             await self.done.wait()
@@ -82,9 +79,8 @@ class EngineCore:
             with contextlib.suppress(TimeoutError):  # their answers' callbacks run a loop turn or two later
                 await asyncio.wait_for(self.answered.wait(), 1.0)
             self._flush()  # and are sent before the socket closes
-            reader.cancel()
             beats.cancel()
-            self.sock.close()
+            self.channel.close(linger_ms=1000)
             ctx.term()
 
     async def _load(self) -> None:
@@ -134,28 +130,12 @@ class EngineCore:
             self.flush = asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
-        assert self.raw is not None
         self.flush = None
         outbox, self.outbox = self.outbox, {}
         for identity, frames in outbox.items():
-            try:  # a ROUTER drops what it cannot route (a front end that is gone) rather than wait
-                self.raw.send_multipart([identity, *frames], flags=zmq.NOBLOCK)
-            except zmq.ZMQError as exc:
-                log.debug("dropped %d messages to a front end: %s", len(frames), exc)
-
-    async def _read(self) -> None:
-        assert self.sock is not None and self.raw is not None
-        while True:
-            message = await self.sock.recv_multipart()
-            # then whatever else has arrived, without a future per message (bounded: others get a turn)
-            for _ in range(READ_BURST):
-                self._take(message)
-                try:
-                    message = self.raw.recv_multipart(flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-            else:
-                self._take(message)
+            # a ROUTER drops what it cannot route (a front end that is gone) rather than wait
+            if self.channel is not None:
+                self.channel.send([identity, *frames])
 
     def _take(self, message: list[bytes]) -> None:
         identity, *frames = message
