@@ -55,6 +55,7 @@ def test_candidate_rows_with_the_eager_form_as_compiled(tiny_engine: Any) -> Non
         assert row["max_abs_dp"] == 0.0 and row["graphs"] == 0
         assert len(row["eager_rates"]) == len(row["compiled_rates"]) == ARGS.rounds
         assert row["ratio"] == pytest.approx(row["compiled_seq_s"] / row["eager_seq_s"])
+        assert row["best_ratio"] == pytest.approx(max(row["compiled_rates"]) / max(row["eager_rates"]))
         assert row["compiled_first_pass_s"] <= row["compiled_passes_s"]
     assert result["compile_s"] == pytest.approx(sum(r["compiled_passes_s"] for r in result["rows"].values()))
 
@@ -77,6 +78,7 @@ def row(ratio: float, first_s: float = 30.0) -> dict[str, Any]:
         "compiled_first_pass_s": first_s,
         "graphs": 3,
         "max_abs_dp": 2.5e-7,
+        "best_ratio": ratio + 0.01,
     }
 
 
@@ -117,7 +119,7 @@ def test_report_rows_and_verdict_lines() -> None:
         },
     }
     md = compiled.report(result)
-    assert "| packed | short x16 | 40.0 | 20.0 | 0.50x | 61.0 | 3 | 2.5e-07 |" in md
+    assert "| packed | short x16 | 40.0 | 20.0 | 0.50x | 61.0 | 3 | 2.5e-07 | 0.51x |" in md
     assert "- packed: compile (first passes of every shape) 81.2 s; not kept: best 0.50x eager (short x16), " in md
     assert "- padded: not kept: the compile failed (BackendCompilerFailed: no g++)" in md
     assert "CPU: AMD EPYC, 2 cores, flags avx2 fma; C++ compiler: g++ 12.2.0." in md
