@@ -110,9 +110,13 @@ def candidates(settings: Any, backend: str, only: list[str]) -> dict[str, Candid
         engine.warmup()  # fits the cost model that splits a pass into length groups
 
         def build(e: Any = engine) -> Any:
-            return TorchRunner(torch.compile(e.model, backend=backend, dynamic=None), e.device)
+            model: Any = torch.compile(e.model, backend=backend, dynamic=None)  # a Module in all but type
+            return TorchRunner(model, e.device)
 
-        out["padded"] = (engine, build, lambda runner, e=engine: swapped(e, "runner", runner))
+        def on(runner: Any, e: Any = engine) -> contextlib.AbstractContextManager:
+            return swapped(e, "runner", runner)
+
+        out["padded"] = (engine, build, on)
     return out
 
 
@@ -124,7 +128,7 @@ def eager_per_text() -> Iterator[None]:
     import serving.packed as p
 
     attend = {k: torch._dynamo.disable(f) for k, f in p._ATTEND.items()}
-    of = classmethod(torch._dynamo.disable(p.Segments.of.__func__))  # type: ignore[attr-defined]
+    of: Any = classmethod(torch._dynamo.disable(p.Segments.of.__func__))  # type: ignore[attr-defined]
     with swapped(p, "_ATTEND", attend), swapped(p.Segments, "of", of):
         yield
 
@@ -174,7 +178,7 @@ def alternate(
         for s, bs in shapes.items():
             for mode in ("eager", "compiled")[:: 1 if rnd % 2 == 0 else -1]:
                 with on() if mode == "compiled" else contextlib.nullcontext(), torch.no_grad():
-                    rows[s][f"{mode}_rates"].append(_rate(run, bs, args.budget_s))
+                    rows[s][f"{mode}_rates"].append(_rate(run, bs, args.budget_s))  # type: ignore[arg-type]
     for row in rows.values():
         row["eager_seq_s"] = statistics.median(row["eager_rates"])
         row["compiled_seq_s"] = statistics.median(row["compiled_rates"])
