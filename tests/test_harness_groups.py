@@ -9,7 +9,8 @@ harness/grpc_user.py and locustfile.py's --protocol grpc and --unique-texts (und
 importing the real one would gevent-patch the test process), harness/wrk.py (v2 bodies, numbered bodies
 as wrk's Lua would build them, script arguments; one test runs the real wrk against a stdlib server),
 harness/bench.py and harness/bench_groups.py (--protocols, --cache, --only, launch's environment, one row
-with Locust, the scrapes and wrk faked) and harness/groups_report.py (on a synthetic summary.csv). Every
+with Locust, the scrapes and wrk faked), harness/groups_report.py (on a synthetic summary.csv) and
+harness/cache_cost.py (the paired ratios, the report, the counters read from a stdlib server). Every
 expected value is worked out by hand from the small inputs beside it.
 """
 
@@ -36,7 +37,7 @@ import grpc
 import pytest
 from tritonclient.grpc import service_pb2
 
-from harness import bench, bench_groups, groups_report, grpc_infer, report, wrk
+from harness import bench, bench_groups, cache_cost, groups_report, grpc_infer, report, wrk
 from harness.launch import ROOT
 from tests.test_harness import lua_unquote
 
@@ -954,3 +955,62 @@ def test_tiny_model_is_the_model_id_of_every_server_the_run_starts(monkeypatch, 
         "stand-in",
         "1",
     )
+
+
+# -------------------------------------------------------------- harness.cache_cost: the paired on/off run
+
+
+def test_cache_cost_pairs_rounds_and_reports_the_median_ratio():
+    rows = [
+        {"round": 1, "cache": "off", "wrk_requests_per_s": 100.0},
+        {"round": 1, "cache": "on", "wrk_requests_per_s": 99.0},
+        {"round": 2, "cache": "on", "wrk_requests_per_s": 90.0},
+        {"round": 2, "cache": "off", "wrk_requests_per_s": 100.0},
+        {"round": 3, "cache": "off", "wrk_requests_per_s": 50.0},
+        {"round": 3, "cache": "on", "wrk_requests_per_s": None},  # wrk failed: no ratio, not a 0
+        {"round": 4, "cache": "on", "wrk_requests_per_s": 102.0},
+        {"round": 4, "cache": "off", "wrk_requests_per_s": 100.0},
+    ]
+    ratios = cache_cost.paired_ratios(rows)
+    assert ratios == pytest.approx([0.99, 0.90, 1.02])
+    for r in rows:
+        r.update({"wrk_p50_ms": 1.0, "wrk_p99_ms": 2.0, "wrk_errors": 0, "cache_hits": 0.0})
+        r.update({"cache_misses": 5.0, "cache_coalesced": 0.0})
+    cpu = {"model_name": "Some CPU", "cores": 2, "flags": ["avx2"]}
+    meta = {"command": "x", "users": 32, "seconds": 15, "corpus": "c", "model_id": "stand-in", "cache_bytes": 9}
+    meta |= {"git_commit": "abc", "git_dirty": False, "cpu": cpu, "ratios": ratios, "ready": {"on": {"dtype": "f"}}}
+    text = cache_cost.report(rows, meta)
+    assert "median on/off: **0.990**" in text
+    assert 'Server on: /ready {"dtype": "f"}' in text
+    assert "| 3 | on | 0.0 |" in text and "flags avx2" in text
+
+
+def test_cache_cost_counters_read_the_cache_lines_of_metrics():
+    page = (
+        b"# HELP sentimentalyzer_cache_hits_total answers from the cache\n"
+        b"# TYPE sentimentalyzer_cache_hits_total counter\n"
+        b'sentimentalyzer_cache_hits_total{store="local"} 3.0\n'
+        b'sentimentalyzer_cache_hits_total{store="redis"} 2.0\n'
+        b"# TYPE sentimentalyzer_cache_misses_total counter\n"
+        b"sentimentalyzer_cache_misses_total 40.0\n"
+        b"sentimentalyzer_cache_misses_created 1.7e9\n"
+        b'sentimentalyzer_cache_bytes{where="local"} 123.0\n'
+    )
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/metrics" else 404)
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        got = cache_cost.counters(f"http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+    assert got == {"hits": 5.0, "misses": 40.0, "coalesced": 0.0}  # both stores summed; coalesced absent: 0

@@ -1,0 +1,158 @@
+"""What the answer cache costs when nothing repeats: cache on against off, paired, on one machine.
+
+    MODEL_ID=stand-in python -m harness.cache_cost --out results/cpu-avx2-cache-cost
+    python -m harness.cache_cost --rounds 2 --seconds 10 --cache-bytes 16000000
+
+Two batched servers run side by side for the whole run, one with CACHE_BYTES=0 and one with the
+cache on (--cache-bytes); only the one being measured gets traffic, the other idles (its heartbeats
+cost well under 1% of a core). Each round drives both with wrk (32 connections, every request's
+text numbered so nothing repeats: harness/wrk.py's unique scripts), in the order off-on, then on-off
+the next round, so a drift of the machine falls on both. The verdict is the median of the rounds'
+on/off ratios, beside every round's figures and the cache counters (hits must stay 0). Separate
+fresh servers per row (`harness.bench --cache`) mix that cost with a server's start-to-start
+variation; this pairs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from harness import wrk
+from harness.launch import Process, environ
+from harness.references import command_line, cpu_info, git_state, read_corpus, versions
+
+COUNTERS = ("hits", "misses", "coalesced")
+
+
+def counters(url: str) -> dict[str, float]:
+    """The cache's counters from /metrics, summed over their labels (hits: by store); absent: 0."""
+    values = dict.fromkeys(COUNTERS, 0.0)
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            name = sample.name.removeprefix("sentimentalyzer_cache_").removesuffix("_total")
+            if sample.name.endswith("_total") and name in values:
+                values[name] += sample.value
+    return values
+
+
+def measure(url: str, name: str, args: argparse.Namespace, texts: list[str], work: Path) -> dict[str, Any]:
+    before: dict[str, float] = {}
+    result = wrk.measure(
+        f"{url}/predict",
+        args.users,
+        args.seconds,
+        texts,
+        work / name,
+        work / name,
+        {},
+        unique=True,
+        on_start=lambda: before.update(counters(url)),
+    )
+    after = counters(url)
+    return {**wrk.columns(result), **{f"cache_{k}": after[k] - before.get(k, 0.0) for k in COUNTERS}}
+
+
+def paired_ratios(rows: list[dict[str, Any]]) -> list[float]:
+    """Each round's on/off throughput; a round where either side answered nothing is left out, not 0."""
+    by_round = {(r["round"], r["cache"]): r["wrk_requests_per_s"] for r in rows}
+    rounds = sorted({r["round"] for r in rows})
+    return [
+        by_round[(n, "on")] / by_round[(n, "off")]
+        for n in rounds
+        if by_round.get((n, "on")) and by_round.get((n, "off"))
+    ]
+
+
+def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    cpu = meta["cpu"]
+    lines = [
+        "# The answer cache on unique texts: on against off, paired",
+        "",
+        f"`{meta['command']}`: {meta['users']} wrk connections, {meta['seconds']} s a row, corpus "
+        f"{meta['corpus']} (every text numbered), model {meta['model_id']}, CACHE_BYTES {meta['cache_bytes']}, "
+        f"commit {meta['git_commit']}{' (dirty)' if meta['git_dirty'] else ''}.",
+        f"CPU: {cpu['model_name']}, {cpu['cores']} cores, flags {' '.join(cpu['flags'])}.",
+        *(f"Server {name}: /ready {json.dumps(body, sort_keys=True)}" for name, body in meta["ready"].items()),
+        "",
+        "| round | cache | req/s | p50 ms | p99 ms | errors | hits | misses | coalesced |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['round']} | {r['cache']} | {r['wrk_requests_per_s'] or 0:.1f} | {r['wrk_p50_ms'] or 0:.1f} "
+            f"| {r['wrk_p99_ms'] or 0:.1f} | {r['wrk_errors'] or 0:.0f} | {r['cache_hits']:.0f} "
+            f"| {r['cache_misses']:.0f} | {r['cache_coalesced']:.0f} |"
+        )
+    ratios = meta["ratios"]
+    lines += ["", f"on/off per round: {', '.join(f'{x:.3f}' for x in ratios)}"]
+    if ratios:
+        lines.append(f"median on/off: **{statistics.median(ratios):.3f}** (goal: >= 0.98, a cost of at most 2%)")
+    return "\n".join(lines) + "\n"
+
+
+def run_rounds(args: argparse.Namespace, urls: dict[str, str], work: Path) -> list[dict[str, Any]]:
+    texts = read_corpus(args.corpus)
+    for name, url in urls.items():  # unrecorded warm-up of each, the measured rounds then follow
+        wrk.measure(
+            f"{url}/predict", args.users, args.warmup_s, texts, work / f"warm-{name}", work / f"warm-{name}", {}
+        )
+    rows = []
+    for rnd in range(1, args.rounds + 1):
+        for name in ("off", "on") if rnd % 2 else ("on", "off"):
+            rows.append({"round": rnd, "cache": name, **measure(urls[name], f"r{rnd}-{name}", args, texts, work)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", default="data/short.txt")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--users", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--warmup-s", type=float, default=5.0)
+    parser.add_argument("--cache-bytes", type=int, default=64_000_000)
+    parser.add_argument("--out", default="results/cpu-2core-cache-cost")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="cache-cost-") as tmp:
+        work, servers, ready = Path(tmp), {}, {}
+        try:
+            for name, size in (("off", 0), ("on", args.cache_bytes)):
+                env = environ({"CACHE_BYTES": str(size), "ENGINE_SOCKET": str(work / f"{name}.sock")})
+                env.setdefault("MODEL_ID", "stand-in")
+                env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+                servers[name] = Process.uvicorn("batched_server:app", work / f"{name}.log", env)
+                # one at a time: two warm-ups would share the cores. /ready names engine, batching and cores
+                ready[name] = servers[name].wait_ready(timeout_s=600)
+            rows = run_rounds(args, {n: p.url for n, p in servers.items()}, work)
+            model_id = env["MODEL_ID"]
+        finally:
+            for proc in servers.values():
+                proc.stop()
+    meta = {
+        "command": command_line(),
+        **{k: getattr(args, k) for k in ("corpus", "users", "seconds", "rounds", "cache_bytes")},
+        "model_id": model_id,
+        "cpu": cpu_info(),
+        "versions": {**versions("torch", "uvicorn", "fastapi"), "wrk": wrk.version()},
+        **git_state(),
+        "ratios": paired_ratios(rows),
+        "ready": ready,
+    }
+    (out / "cache_cost.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    (out / "cache_cost.md").write_text(report(rows, meta))
+    print(report(rows, meta))
+
+
+if __name__ == "__main__":
+    main()
