@@ -42,7 +42,7 @@ from serving.ops import Observability
 from serving.settings import Settings
 from serving.text import Prediction
 
-IDENTITY_FIELDS = ("weights", "backend", "dtype", "device", "packed", "inference_precision")
+IDENTITY_FIELDS = ("weights", "backend", "dtype", "device", "packed", "compiled", "inference_precision")
 Compute = Callable[[list[str]], Awaitable[list[Prediction]]]
 
 

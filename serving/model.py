@@ -29,7 +29,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from serving.engine import Engine, PassStats, TorchRunner, plan_groups
-from serving.settings import Settings
+from serving.settings import Settings, SettingsError
 from serving.source import STAND_IN, Source, cache_dir, resolve_source, standin_tokenizer_dir
 from serving.text import Prediction, TextTokenizer, load_tokenizer
 
@@ -170,5 +170,8 @@ def load_concrete(settings: Settings, source: Source) -> Engine:
         from serving.packed import packed_forward, supports_packing
 
         if supports_packing(model):
-            packed = functools.partial(packed_forward, model)
+            packed = functools.partial(packed_forward, model, compiled=settings.torch_compile)
+            info["compiled"] = "inductor" if settings.torch_compile else None
+        elif settings.torch_compile:
+            raise SettingsError(f"TORCH_COMPILE: compiles the packed pass of a DistilBERT, not {type(model).__name__}")
     return Engine(tokenizer, model, TorchRunner(model, device), settings, info, packed, device, source)

@@ -34,11 +34,12 @@ as float32 on the CPU.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -149,15 +150,16 @@ def supports_packing(model: object) -> bool:
     return isinstance(model, DistilBertForSequenceClassification) and not model.training
 
 
-def _layer(block: Any, h: torch.Tensor, segs: Segments, attend: Attend, last: bool) -> torch.Tensor:
-    """One TransformerBlock over a pack; `last` keeps only each text's first token."""
+def _layer(block: Any, h: torch.Tensor, segs: Segments, attend: Attend, firsts: Segments | None) -> torch.Tensor:
+    """One TransformerBlock over a pack; given `firsts` (one token a text), only each text's first token
+    goes on past attention's keys and values."""
     sa = block.attention
     heads, head_dim = sa.n_heads, sa.attention_head_size
     k = sa.k_lin(h).view(-1, heads, head_dim)
     v = sa.v_lin(h).view(-1, heads, head_dim)
-    if last:  # only the first token's row reaches the classifier
+    if firsts is not None:  # only the first token's row reaches the classifier
         h = h.index_select(0, segs.firsts)
-        q_segs = Segments.of([1] * len(segs.lengths), h.device)
+        q_segs = firsts
     else:
         q_segs = segs
     q = sa.q_lin(h).view(-1, heads, head_dim)
@@ -166,14 +168,44 @@ def _layer(block: Any, h: torch.Tensor, segs: Segments, attend: Attend, last: bo
     return block.output_layer_norm(ffn.lin2(ffn.activation(ffn.lin1(a))) + a)
 
 
+Layer = Callable[[Any, torch.Tensor, Segments, Attend, Segments | None], torch.Tensor]
+
+
+@functools.cache
+def compiled_layer() -> Layer:
+    """_layer under torch.compile (inductor, dynamic shapes, weights frozen), for TORCH_COMPILE=1.
+
+    Measured against eager by harness/compiled.py. Attention stays eager inside it (eager_attention):
+    the variants read per-text offsets as Python ints, which dynamo would specialize on, recompiling
+    for every new mix of lengths; the linears, norms and feed-forward around it compile."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # the engine never trains: weights fold into the graphs as constants
+    torch._dynamo.config.recompile_limit = 64  # dynamic passes settle in ~16 graphs; past 8 dynamo would go eager
+    return cast(Layer, torch.compile(_layer, dynamic=True))
+
+
+@functools.cache
+def eager_attention(name: str) -> Attend:
+    """The variant kept out of compiled graphs; one object per variant, since dynamo guards on its identity."""
+    import torch._dynamo
+
+    return cast(Attend, torch._dynamo.disable(_ATTEND[name]))
+
+
 @torch.inference_mode()
 def packed_forward(
-    model: PreTrainedModel, ids: Sequence[Sequence[int]], attention: str | None = None, first_token_only: bool = True
+    model: PreTrainedModel,
+    ids: Sequence[Sequence[int]],
+    attention: str | None = None,
+    first_token_only: bool = True,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Logits, float32 (n, labels) on the CPU, of one padding-free pass over texts of any lengths.
 
     first_token_only=False runs the last layer over every token, as the padded model does (to measure
-    what packing alone buys)."""
+    what packing alone buys); compiled=True runs each layer as compiled_layer() (TORCH_COMPILE)."""
     if attention is not None and attention not in _ATTEND:
         raise ValueError(f"attention must be one of {ATTENTION}, not {attention!r}")
     if not supports_packing(model):
@@ -186,14 +218,16 @@ def packed_forward(
     if min(lengths) < 1 or max(lengths) > model.config.max_position_embeddings:
         raise ValueError(f"every text needs 1 to {model.config.max_position_embeddings} tokens, got {lengths}")
     device = bert.embeddings.word_embeddings.weight.device
-    attend = _ATTEND[attention or default_attention(device, lengths, int(model.config.dim))]
+    name = attention or default_attention(device, lengths, int(model.config.dim))
+    attend, layer = (eager_attention(name), compiled_layer()) if compiled else (_ATTEND[name], _layer)
     segs = Segments.of(lengths, device)
+    firsts = Segments.of([1] * len(lengths), device) if first_token_only else None
     tokens = torch.tensor(list(chain.from_iterable(ids)), dtype=torch.long).to(device, non_blocking=True)
     emb = bert.embeddings
     h = emb.LayerNorm(emb.word_embeddings(tokens) + emb.position_embeddings(segs.positions))
     layers = bert.transformer.layer
     for i, block in enumerate(layers):
-        h = _layer(block, h, segs, attend, last=first_token_only and i == len(layers) - 1)
+        h = layer(block, h, segs, attend, firsts if i == len(layers) - 1 else None)
     if not first_token_only:
         h = h.index_select(0, segs.firsts)
     pooled = F.relu(m.pre_classifier(h))  # h: one row per text, its first token

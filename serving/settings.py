@@ -64,6 +64,7 @@ class Settings:
     engine_cpus: str = ""  # the cores it runs on, e.g. "1-3" or "0,2"; "" = chosen with the threads
     engine_stall_s: float = 120.0  # a pass computing longer than this is a stalled engine: restarted
     engine_factory: str = ""  # "module:function(settings, source) -> Engine"; "" = serving.model.load_engine
+    torch_compile: bool = False  # BACKEND=torch, packed: each layer through torch.compile (~30 s more warm-up)
 
     def __post_init__(self) -> None:
         _check(bool(self.model_id.strip()), "MODEL_ID", "must not be empty")
@@ -99,6 +100,11 @@ class Settings:
             not self.engine_factory or re.fullmatch(r"[\w.]+:\w+", self.engine_factory) is not None,
             "ENGINE_FACTORY",
             f"must look like package.module:function, got {self.engine_factory!r}",
+        )
+        _check(
+            not self.torch_compile or (self.backend == "torch" and self.packing != "off"),
+            "TORCH_COMPILE",
+            f"compiles the packed PyTorch pass: needs BACKEND=torch, PACKING=auto; got {self.backend}, {self.packing}",
         )
         try:
             parse_cpus(self.engine_cpus)

@@ -198,10 +198,11 @@ def test_the_key_is_the_engine_identity_and_the_exact_text() -> None:
     assert base is not None and engine_identity({**INFO, "model_id": "elsewhere"}) == base
     others = [engine_identity({**INFO, k: v}) for k, v in (("weights", "tiny-ffff"), ("dtype", "bf16"))]
     others += [engine_identity({**INFO, "backend": "onnx"}), engine_identity({**INFO, "packed": False})]
-    assert len({base, *others}) == 5
+    others += [engine_identity({**INFO, "compiled": "inductor"})]
+    assert len({base, *others}) == 6
     assert engine_identity({k: v for k, v in INFO.items() if k != "weights"}) is None
     keys = {answer_key(i, t) for i in (base, *others) for t in ("I loved it", "I loved it ", "i loved it")}
-    assert len(keys) == 15 and all(len(k) == 32 for k in keys)
+    assert len(keys) == 18 and all(len(k) == 32 for k in keys)
 
 
 @hsettings(max_examples=300, deadline=None)

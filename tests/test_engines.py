@@ -64,19 +64,32 @@ def test_backend_and_packing_are_validated() -> None:
     with pytest.raises(SettingsError, match="PACKING"):
         Settings.from_env({"PACKING": "always"})
     assert Settings.from_env({"BACKEND": "onnx", "DTYPE": "int8"}).backend == "onnx"
+    for other in ({"BACKEND": "onnx"}, {"BACKEND": "auto"}, {"PACKING": "off"}):
+        with pytest.raises(SettingsError, match="TORCH_COMPILE"):
+            Settings.from_env({"TORCH_COMPILE": "1", **other})
+    assert Settings.from_env({"TORCH_COMPILE": "1", "BACKEND": "torch"}).torch_compile
 
 
 @pytest.mark.parametrize(
     "changes, packed",
-    [({}, True), ({"packing": "off"}, False), ({"backend": "onnx", "dtype": "int8"}, False)],
+    [
+        ({}, True),
+        ({"packing": "off"}, False),
+        ({"backend": "onnx", "dtype": "int8"}, False),
+        ({"backend": "torch", "torch_compile": True}, True),
+    ],
 )
 def test_each_engine_loads_and_says_what_it_is(settings: Settings, changes: dict, packed: bool) -> None:
     engine = load_engine(settings.replace(**changes))
     info = engine.describe()
     assert info["backend"] == changes.get("backend", "torch") and info["packed"] is packed
     assert info["dtype"] == changes.get("dtype", "fp32")
+    assert info.get("compiled") == ("inductor" if changes.get("torch_compile") else None)
     [p] = engine.predict(["I loved it"])
     assert p.label in ("POSITIVE", "NEGATIVE") and 0.5 <= p.score <= 1.0
+    if changes.get("torch_compile"):  # the compiled pass answers as the eager one does
+        [eager] = load_engine(settings.replace(backend="torch")).predict(["I loved it"])
+        assert (p.label, p.score) == (eager.label, pytest.approx(eager.score, abs=1e-5))
 
 
 @pytest.mark.anyio

@@ -10,7 +10,7 @@ importing the real one would gevent-patch the test process), harness/wrk.py (v2 
 as wrk's Lua would build them, script arguments; one test runs the real wrk against a stdlib server),
 harness/bench.py and harness/bench_groups.py (--protocols, --cache, --only, launch's environment, one row
 with Locust, the scrapes and wrk faked), harness/groups_report.py (on a synthetic summary.csv) and
-harness/cache_cost.py (the paired ratios, the report, the counters read from a stdlib server). Every
+harness/paired.py (the paired ratios, the report, the counters read from a stdlib server). Every
 expected value is worked out by hand from the small inputs beside it.
 """
 
@@ -37,7 +37,7 @@ import grpc
 import pytest
 from tritonclient.grpc import service_pb2
 
-from harness import bench, bench_groups, cache_cost, groups_report, grpc_infer, report, wrk
+from harness import bench, bench_groups, groups_report, grpc_infer, paired, report, wrk
 from harness.launch import ROOT
 from tests.test_harness import lua_unquote
 
@@ -957,10 +957,10 @@ def test_tiny_model_is_the_model_id_of_every_server_the_run_starts(monkeypatch, 
     )
 
 
-# -------------------------------------------------------------- harness.cache_cost: the paired on/off run
+# -------------------------------------------------------------- harness.paired: two configurations, paired
 
 
-def test_cache_cost_pairs_rounds_and_reports_the_median_ratio():
+def test_paired_rounds_give_the_median_ratio_and_the_report():
     rows = [
         {"round": 1, "cache": "off", "wrk_requests_per_s": 100.0},
         {"round": 1, "cache": "on", "wrk_requests_per_s": 99.0},
@@ -971,21 +971,22 @@ def test_cache_cost_pairs_rounds_and_reports_the_median_ratio():
         {"round": 4, "cache": "on", "wrk_requests_per_s": 102.0},
         {"round": 4, "cache": "off", "wrk_requests_per_s": 100.0},
     ]
-    ratios = cache_cost.paired_ratios(rows)
+    ratios = paired.paired_ratios(rows)
     assert ratios == pytest.approx([0.99, 0.90, 1.02])
     for r in rows:
         r.update({"wrk_p50_ms": 1.0, "wrk_p99_ms": 2.0, "wrk_errors": 0, "cache_hits": 0.0})
         r.update({"cache_misses": 5.0, "cache_coalesced": 0.0})
     cpu = {"model_name": "Some CPU", "cores": 2, "flags": ["avx2"]}
-    meta = {"command": "x", "users": 32, "seconds": 15, "corpus": "c", "model_id": "stand-in", "cache_bytes": 9}
+    meta = {"command": "x", "users": 32, "seconds": 15, "corpus": "c", "model_id": "stand-in"}
+    meta |= {"off": "CACHE_BYTES=0", "on": "CACHE_BYTES=9"}
     meta |= {"git_commit": "abc", "git_dirty": False, "cpu": cpu, "ratios": ratios, "ready": {"on": {"dtype": "f"}}}
-    text = cache_cost.report(rows, meta)
-    assert "median on/off: **0.990**" in text
+    text = paired.report(rows, meta)
+    assert "median on/off: **0.990**" in text and "on (CACHE_BYTES=9) against off (CACHE_BYTES=0)" in text
     assert 'Server on: /ready {"dtype": "f"}' in text
     assert "| 3 | on | 0.0 |" in text and "flags avx2" in text
 
 
-def test_cache_cost_counters_read_the_cache_lines_of_metrics():
+def test_paired_counters_read_the_cache_lines_of_metrics():
     page = (
         b"# HELP sentimentalyzer_cache_hits_total answers from the cache\n"
         b"# TYPE sentimentalyzer_cache_hits_total counter\n"
@@ -1010,7 +1011,15 @@ def test_cache_cost_counters_read_the_cache_lines_of_metrics():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        got = cache_cost.counters(f"http://127.0.0.1:{server.server_port}")
+        got = paired.counters(f"http://127.0.0.1:{server.server_port}")
     finally:
         server.shutdown()
     assert got == {"hits": 5.0, "misses": 40.0, "coalesced": 0.0}  # both stores summed; coalesced absent: 0
+
+
+def test_paired_settings_are_name_value_pairs():
+    assert paired.pairs("BACKEND=torch, TORCH_COMPILE=1") == {"BACKEND": "torch", "TORCH_COMPILE": "1"}
+    assert paired.pairs("CACHE_BYTES=0") == {"CACHE_BYTES": "0"} and paired.pairs("") == {}
+    for bad in ("BACKEND", "backend=torch", "=1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            paired.pairs(bad)

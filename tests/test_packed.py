@@ -3,7 +3,8 @@
     pytest tests/test_packed.py -q
 
 fp32: logits within 1e-5 for every attention variant, texts of 1, 2, ... 512 tokens together;
-bf16: probabilities within 1e-2 of the padded bf16 pass (bf16 keeps ~3 significant digits).
+bf16: probabilities within 1e-2 of the padded bf16 pass (bf16 keeps ~3 significant digits); compiled=True
+(TORCH_COMPILE) within 1e-5 too, in a few graphs that a new mix of lengths reuses.
 """
 
 from __future__ import annotations
@@ -121,3 +122,29 @@ def test_supports_packing(tiny: torch.nn.Module) -> None:
             packed_forward(tiny, make_ids([3]))
     finally:
         tiny.eval()
+
+
+def test_compiled_layers_match_padded_and_do_not_recompile_per_length_mix(tiny: torch.nn.Module) -> None:
+    """TORCH_COMPILE's pass (inductor, dynamic shapes) gives the eager logits, and a new mix of lengths
+    reuses the graphs: attention, which reads per-text ints, stays out of them."""
+    from torch._dynamo.utils import counters
+
+    start = int(counters["stats"]["unique_graphs"])  # other tests in this process may have compiled too
+
+    def graphs() -> int:
+        return int(counters["stats"]["unique_graphs"]) - start
+
+    for attention in ("padded", "loop"):
+        for lengths in LENGTHS[2:]:
+            ids = make_ids(lengths, seed=len(lengths))
+            got = packed_forward(tiny, ids, attention=attention, compiled=True)
+            assert (got - padded_logits(tiny, ids)).abs().max().item() <= 1e-5
+    settled = graphs()
+    # it did compile, into a few graphs (4 here; with attention inside them, 20 for these same passes)
+    assert 1 <= settled <= 8, f"{settled} graphs"
+    for seed in range(4):  # four new mixes of 5 to 20 texts
+        rng = random.Random(100 + seed)
+        ids = make_ids(rng.choices(range(1, 300), k=rng.randrange(5, 21)), seed=seed)
+        got = packed_forward(tiny, ids, compiled=True)
+        assert (got - padded_logits(tiny, ids)).abs().max().item() <= 1e-5
+    assert graphs() - settled <= 2, f"{graphs() - settled} graphs compiled for new length mixes"
