@@ -3,6 +3,7 @@
     MODEL_ID=stand-in python -m harness.paired --out results/cpu-avx2-cache-cost     # the cache's cost
     MODEL_ID=stand-in python -m harness.paired --off BACKEND=torch --on BACKEND=torch,TORCH_COMPILE=1 \
         --corpus data/reviews.txt --out results/cpu-avx2-compile-served
+    python -m harness.paired --tiny-model --out results/cpu-avx2-cache-cost-tiny  # HTTP the whole cost
     python -m harness.paired --rounds 2 --seconds 10
 
 Two servers run for the whole run, "off" and "on", each with its settings (--off, --on: NAME=value
@@ -13,7 +14,9 @@ so nothing repeats: harness/wrk.py's unique scripts), in the order off-on, then 
 round, so a drift of the machine falls on both. The verdict is the median of the rounds' on/off
 ratios, beside every round's figures, the answer cache's counters and each server's /ready (engine,
 batching, cores). Separate fresh servers per row (`harness.bench --cache`) mix a difference with a
-server's start-to-start variation; this pairs them.
+server's start-to-start variation; this pairs them. --tiny-model runs both on the tests' tiny
+DistilBERT (harness.bench's model_override), where the model costs next to nothing and any cost of
+the setting on the request path shows in full.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import wrk
+from harness import bench, wrk
 from harness.launch import Process, environ
 from harness.references import command_line, cpu_info, git_state, read_corpus, versions
 
@@ -76,7 +79,7 @@ def measure(url: str, name: str, args: argparse.Namespace, texts: list[str], wor
 
 def paired_ratios(rows: list[dict[str, Any]]) -> list[float]:
     """Each round's on/off throughput; a round where either side answered nothing is left out, not 0."""
-    by_round = {(r["round"], r["cache"]): r["wrk_requests_per_s"] for r in rows}
+    by_round = {(r["round"], r["side"]): r["wrk_requests_per_s"] for r in rows}
     rounds = sorted({r["round"] for r in rows})
     return [
         by_round[(n, "on")] / by_round[(n, "off")]
@@ -96,12 +99,12 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"CPU: {cpu['model_name']}, {cpu['cores']} cores, flags {' '.join(cpu['flags'])}.",
         *(f"Server {name}: /ready {json.dumps(body, sort_keys=True)}" for name, body in meta["ready"].items()),
         "",
-        "| round | cache | req/s | p50 ms | p99 ms | errors | hits | misses | coalesced |",
+        "| round | side | req/s | p50 ms | p99 ms | errors | hits | misses | coalesced |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['round']} | {r['cache']} | {r['wrk_requests_per_s'] or 0:.1f} | {r['wrk_p50_ms'] or 0:.1f} "
+            f"| {r['round']} | {r['side']} | {r['wrk_requests_per_s'] or 0:.1f} | {r['wrk_p50_ms'] or 0:.1f} "
             f"| {r['wrk_p99_ms'] or 0:.1f} | {r['wrk_errors'] or 0:.0f} | {r['cache_hits']:.0f} "
             f"| {r['cache_misses']:.0f} | {r['cache_coalesced']:.0f} |"
         )
@@ -121,7 +124,7 @@ def run_rounds(args: argparse.Namespace, urls: dict[str, str], work: Path) -> li
     rows = []
     for rnd in range(1, args.rounds + 1):
         for name in ("off", "on") if rnd % 2 else ("on", "off"):
-            rows.append({"round": rnd, "cache": name, **measure(urls[name], f"r{rnd}-{name}", args, texts, work)})
+            rows.append({"round": rnd, "side": name, **measure(urls[name], f"r{rnd}-{name}", args, texts, work)})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -135,11 +138,12 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=float, default=5.0)
     parser.add_argument("--off", type=pairs, default="CACHE_BYTES=0", help="settings of one: NAME=value,...")
     parser.add_argument("--on", type=pairs, default="CACHE_BYTES=64000000", help="and of the other")
+    parser.add_argument("--tiny-model", action="store_true", help="both servers on the tests' tiny model")
     parser.add_argument("--out", default="results/cpu-2core-paired")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="paired-") as tmp:
+    with bench.model_override(args.tiny_model) as tiny, tempfile.TemporaryDirectory(prefix="paired-") as tmp:
         work, servers, ready = Path(tmp), {}, {}
         try:
             for name, changes in (("off", args.off), ("on", args.on)):
@@ -150,7 +154,7 @@ def main() -> None:
                 # one at a time: two warm-ups would share the cores. /ready names engine, batching and cores
                 ready[name] = servers[name].wait_ready(timeout_s=600)
             rows = run_rounds(args, {n: p.url for n, p in servers.items()}, work)
-            model_id = env["MODEL_ID"]
+            model_id = tiny.get("model_id", env["MODEL_ID"])
         finally:
             for proc in servers.values():
                 proc.stop()

@@ -962,14 +962,14 @@ def test_tiny_model_is_the_model_id_of_every_server_the_run_starts(monkeypatch, 
 
 def test_paired_rounds_give_the_median_ratio_and_the_report():
     rows = [
-        {"round": 1, "cache": "off", "wrk_requests_per_s": 100.0},
-        {"round": 1, "cache": "on", "wrk_requests_per_s": 99.0},
-        {"round": 2, "cache": "on", "wrk_requests_per_s": 90.0},
-        {"round": 2, "cache": "off", "wrk_requests_per_s": 100.0},
-        {"round": 3, "cache": "off", "wrk_requests_per_s": 50.0},
-        {"round": 3, "cache": "on", "wrk_requests_per_s": None},  # wrk failed: no ratio, not a 0
-        {"round": 4, "cache": "on", "wrk_requests_per_s": 102.0},
-        {"round": 4, "cache": "off", "wrk_requests_per_s": 100.0},
+        {"round": 1, "side": "off", "wrk_requests_per_s": 100.0},
+        {"round": 1, "side": "on", "wrk_requests_per_s": 99.0},
+        {"round": 2, "side": "on", "wrk_requests_per_s": 90.0},
+        {"round": 2, "side": "off", "wrk_requests_per_s": 100.0},
+        {"round": 3, "side": "off", "wrk_requests_per_s": 50.0},
+        {"round": 3, "side": "on", "wrk_requests_per_s": None},  # wrk failed: no ratio, not a 0
+        {"round": 4, "side": "on", "wrk_requests_per_s": 102.0},
+        {"round": 4, "side": "off", "wrk_requests_per_s": 100.0},
     ]
     ratios = paired.paired_ratios(rows)
     assert ratios == pytest.approx([0.99, 0.90, 1.02])
