@@ -99,6 +99,10 @@ SUMMARY_FIELDS = [
     "wrk_p99_ms",
     "wrk_requests",
     "wrk_errors",
+    "server_cores",
+    "server_cpu_ms_per_answer",
+    "wrk_server_cores",
+    "wrk_server_cpu_ms_per_answer",
     *bench_groups.COLUMNS,
 ]
 MIN_ANSWERS = 200  # a row with fewer is noise: its p99 is one or two requests
@@ -529,32 +533,67 @@ def bench_point(
 
     def measured(seconds: float) -> dict[str, Any]:
         ran.append(seconds)
-        before = counters()
+        before, cpu = counters(), CpuWindow(proc)
         log = logs / f"{name}_locust.log"
         warn = run_locust(host, users, seconds, corpus, p.processes, log, out / name, cfg.locust_args)
         after = counters()
         row = summary_row(cfg, users, read_locust_stats(out / name), metrics_delta(before, after), ready, warn)
+        row.update(cpu.columns("server", answers(row)))
         return {**row, **bench_groups.row_columns(cfg, corpus), **bench_groups.cache_shares(before, after)}
 
     row = enough_answers(measured, cfg.duration_s, p.min_answers, p.max_duration_s)
     extra = sum(ran) - cfg.duration_s
     if users == p.wrk_users and wrk_headers(cfg) is not None and a.wrk_version:
-        row.update(wrk_point(cfg, users, row["duration_s"], corpus, out, proc.url, counters))
+        row.update(wrk_point(cfg, users, row["duration_s"], corpus, out, proc, counters))
         extra += row["duration_s"] - cfg.duration_s
     return row, extra
 
 
+class CpuWindow:
+    """The CPU the server's processes (Process.cpu_seconds) spend over a window of wall time, from its
+    creation (or `start`) to `columns`: cores in use, and CPU milliseconds an answer. Locust's CSV misses
+    the run's last second, so over a Locust run the milliseconds an answer read up to ~1/duration high;
+    over wrk's run (exact counts, and a client of little CPU beside the server) they are the server's own."""
+
+    def __init__(self, proc: Process) -> None:
+        self.proc = proc
+        self.start()
+
+    def start(self) -> None:
+        self.cpu_s, self.wall_s = self.proc.cpu_seconds(), time.monotonic()
+
+    def columns(self, prefix: str, answered: float | None) -> dict[str, float | None]:
+        cpu_s, wall_s = self.proc.cpu_seconds() - self.cpu_s, time.monotonic() - self.wall_s
+        return {
+            f"{prefix}_cores": cpu_s / wall_s if wall_s > 0 else None,
+            f"{prefix}_cpu_ms_per_answer": 1000 * cpu_s / answered if answered else None,
+        }
+
+
 def wrk_point(
-    cfg: Config, users: int, seconds: float, corpus: str, out: Path, url: str, counters: Callable[[], dict[str, float]]
+    cfg: Config,
+    users: int,
+    seconds: float,
+    corpus: str,
+    out: Path,
+    proc: Process,
+    counters: Callable[[], dict[str, float]],
 ) -> dict[str, Any]:
-    """wrk's columns for one row, run as long as its Locust run, with the cache's hit share over wrk's run."""
+    """wrk's columns for one row, run as long as its Locust run, with the cache's hit share and the server's
+    CPU (CpuWindow) over wrk's measured run."""
     name, headers, protocol = f"{cfg.name}_u{users}", wrk_headers(cfg) or {}, bench_groups.wrk_protocol(cfg) or "json"
     before: dict[str, float] = {}
+    cpu = CpuWindow(proc)
+
+    def on_start() -> None:  # after wrk's warm-up: the measured run alone
+        before.update(counters())
+        cpu.start()
+
     args = list(cfg.locust_args)
     model = args[args.index("--kserve-model") + 1] if "--kserve-model" in args else "sentiment"
     try:
         result = wrk.measure(
-            url + wrk.path(protocol, model),
+            proc.url + wrk.path(protocol, model),
             users,
             seconds,
             read_corpus(str(ROOT / corpus)),
@@ -563,15 +602,19 @@ def wrk_point(
             headers,
             protocol,
             unique="--unique-texts" in args,
-            on_start=lambda: before.update(counters()),  # after wrk's warm-up: the measured run alone
+            on_start=on_start,
         )
     except (subprocess.TimeoutExpired, OSError) as exc:  # wrk's trouble is no reason to lose Locust's row
         print(f"  !! wrk: {exc}", flush=True)
         result = None
     if result is None:
         print(f"  !! wrk gave no result for {name}, see logs/{name}_wrk.log", flush=True)
-    shares = bench_groups.cache_shares(before, counters()) if result is not None else {}
-    return {**wrk.columns(result), "wrk_cache_hit_share": shares.get("cache_hit_share")}
+    if result is None:
+        return {**wrk.columns(None), "wrk_cache_hit_share": None}
+    cols = wrk.columns(result)
+    shares = bench_groups.cache_shares(before, counters())
+    server = cpu.columns("wrk_server", cols["wrk_requests"])
+    return {**cols, **server, "wrk_cache_hit_share": shares.get("cache_hit_share")}
 
 
 # ------------------------------------------------------------------------------------ the whole run

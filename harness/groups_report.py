@@ -54,10 +54,10 @@ def v2_rows(env: dict[str, Any]) -> set[str]:
     return {n for n, c in configs if "kserve" in (c.get("locust_args") or []) and c.get("group") != "peer"}
 
 
-def _ratio(x: float | None, base: float | None, unit: str = "") -> str:
+def _ratio(x: float | None, base: float | None, unit: str = "", digits: int = 1) -> str:
     if x is None or not base:
         return "not measured"
-    diff = f" ({x - base:+.1f} {unit})" if unit else ""
+    diff = f" ({x - base:+.{digits}f} {unit})" if unit else ""
     return f"{x / base:.2f}{diff}"
 
 
@@ -76,14 +76,16 @@ def protocol_section(rows: list[dict[str, Any]], env: dict[str, Any]) -> list[st
         f"Protocol's JSON); proto-grpc its ModelInfer over gRPC (Locust, {client_name} client, one connection "
         "a user).",
         "",
-        "| row | users | req/s | p50 ms | p99 ms | failures | wrk req/s | wrk p50 ms | wrk p99 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| row | users | req/s | p50 ms | p99 ms | failures | server CPU ms / answer | wrk req/s | wrk p50 ms "
+        "| wrk p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in proto:
         if r.get("too_few_answers"):
-            cells = ["too few answers", "", "", _f(r["failures"], 0)]
+            cells = ["too few answers", "", "", _f(r["failures"], 0), ""]
         else:
             cells = [_f(r["requests_per_s"]), _f(r["p50_ms"], 0), _f(r["p99_ms"], 0), _f(r["failures"], 0)]
+            cells.append(_f(r.get("server_cpu_ms_per_answer"), 2))
         wrk = [_f(r["wrk_requests_per_s"]), _f(r["wrk_p50_ms"], 0), _f(r["wrk_p99_ms"], 0)]
         if r["configuration"] == "proto-grpc" and r["users"] == (env.get("wrk") or {}).get("users"):
             wrk = [NO_WRK, "", ""]
@@ -100,6 +102,7 @@ def protocol_ratios(rows: list[dict[str, Any]], low: int, top: int) -> list[str]
 
     json_p50, json_rps = get("proto-json", low, "p50_ms"), get("proto-json", top, "requests_per_s")
     json_wrk = get("proto-json", top, "wrk_requests_per_s")
+    json_cpu = get("proto-json", top, "server_cpu_ms_per_answer")
     return [
         "| ratio to proto-json | gRPC / JSON | v2 / JSON |",
         "|---|---:|---:|",
@@ -110,6 +113,9 @@ def protocol_ratios(rows: list[dict[str, Any]], low: int, top: int) -> list[str]
         f"| {_ratio(get('proto-v2-http', top, 'requests_per_s'), json_rps)} |",
         f"| requests/s at {top} users, wrk | {NO_WRK} "
         f"| {_ratio(get('proto-v2-http', top, 'wrk_requests_per_s'), json_wrk)} |",
+        f"| the server's CPU per answer at {top} users, Locust (its own cost, whatever the client's) "
+        f"| {_ratio(get('proto-grpc', top, 'server_cpu_ms_per_answer'), json_cpu, 'ms', 2)} "
+        f"| {_ratio(get('proto-v2-http', top, 'server_cpu_ms_per_answer'), json_cpu, 'ms', 2)} |",
         "",
         "- gRPC has no wrk row: wrk speaks HTTP/1.1 only. Its Locust rows come from another client stack "
         "(gRPC's C core on gevent, against geventhttpclient for HTTP), whose cost per request shares the cores "

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,6 +87,22 @@ class Process:
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds (user + system) of this process and every process under it now: uvicorn's
+        workers, the engine, a peer's helpers. A process that has ended takes its seconds with it, so
+        take the difference of two readings over a window in which the server's processes live."""
+        try:
+            root = psutil.Process(self.popen.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:  # the server is gone: nothing of it to count
+            return 0.0
+        total = 0.0
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                t = proc.cpu_times()
+                total += t.user + t.system
+        return total
 
     def tail(self, lines: int = 20) -> str:
         return "\n".join(self.text().splitlines()[-lines:])

@@ -43,6 +43,10 @@ NUMERIC = (
     "wrk_p99_ms",
     "wrk_requests",
     "wrk_errors",
+    "server_cores",
+    "server_cpu_ms_per_answer",
+    "wrk_server_cores",
+    "wrk_server_cpu_ms_per_answer",
     "corpus_duplicate_share",
     "cache_bytes",
     "cache_hit_share",
@@ -252,7 +256,8 @@ def _wrk_line(r: dict[str, Any], minimum: int) -> str:
     cells = [r["configuration"], _f(r["requests_per_s"]) if locust else too_few(r), wrk_rps, _f(ratio, 2)]
     for key in ("p50_ms", "p99_ms"):
         cells += [_f(r[key], 0) if locust else "", _f(r[f"wrk_{key}"], 0) if wrk else ""]
-    return "| " + " | ".join([*cells, _f(r["wrk_errors"], 0)]) + " |"
+    cpu = [_f(r.get("wrk_server_cores"), 2), _f(r.get("wrk_server_cpu_ms_per_answer"), 2)] if wrk else ["", ""]
+    return "| " + " | ".join([*cells, _f(r["wrk_errors"], 0), *cpu]) + " |"
 
 
 def wrk_section(rows: list[dict[str, Any]], env: dict[str, Any]) -> list[str]:
@@ -267,8 +272,8 @@ def wrk_section(rows: list[dict[str, Any]], env: dict[str, Any]) -> list[str]:
     rows = [r for r in rows if r["configuration"] not in grpc]
     out = [
         "| configuration | Locust req/s | wrk req/s | wrk / Locust | Locust p50 ms | wrk p50 ms | Locust p99 ms "
-        "| wrk p99 ms | wrk errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| wrk p99 ms | wrk errors | server cores (wrk) | server CPU ms / answer (wrk) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     minimum = (env.get("answers") or {}).get("min_answers", 0)
     out += [_wrk_line(r, minimum) for r in rows if r["users"] == w["users"] and r["group"] != "peer"]

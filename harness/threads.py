@@ -15,7 +15,6 @@ threads.json and threads.md record device, CPU flags, versions and the commit.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import tempfile
@@ -67,11 +66,11 @@ def served(
         script.write_text(wrk.lua_script(read_corpus(args.corpus)), encoding="utf-8")
         wrk.run(url, args.users, args.warmup_s, script, work / f"{name}-warmup.log")
         first = httpx.get(f"{server.url}/metrics", timeout=10).text
-        tree0, engine0 = tree_cpu_seconds(server.popen.pid), cpu_seconds(engine)
+        tree0, engine0 = server.cpu_seconds(), cpu_seconds(engine)
         t0 = time.monotonic()
         result = wrk.run(url, args.users, args.seconds, script, work / f"{name}-wrk.log")
         wall = time.monotonic() - t0
-        server_cores = (tree_cpu_seconds(server.popen.pid) - tree0) / wall
+        server_cores = (server.cpu_seconds() - tree0) / wall
         engine_cores = (cpu_seconds(engine) - engine0) / wall
         last = httpx.get(f"{server.url}/metrics", timeout=10).text
     except (RuntimeError, psutil.Error) as exc:
@@ -88,16 +87,6 @@ def served(
         "mean_batch": _mean(first, last, "sentimentalyzer_batch_size", 1),
         "hop_ms": _mean(first, last, "sentimentalyzer_engine_hop_seconds", 1000),
     }
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds of a process and every process under it (uvicorn's workers, the engine)."""
-    root = psutil.Process(pid)
-    total = 0.0
-    for proc in [root, *root.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            total += cpu_seconds(proc)
-    return total
 
 
 def _mean(first: str, last: str, histogram: str, scale: float) -> float | None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import json
 import sys
@@ -51,7 +52,16 @@ def engine_identity(info: Mapping[str, object]) -> str | None:
     does not say which weights it holds (then nothing is cached for it)."""
     if not info.get("weights"):
         return None
-    return json.dumps({k: info.get(k) for k in IDENTITY_FIELDS}, sort_keys=True, default=str)
+    values = tuple(info.get(k) for k in IDENTITY_FIELDS)
+    try:
+        return _identity(values)  # asked twice a request: the JSON is made once per engine identity
+    except TypeError:  # a value that cannot be hashed: made afresh
+        return _identity.__wrapped__(values)
+
+
+@functools.lru_cache(maxsize=64)
+def _identity(values: tuple[object, ...]) -> str:
+    return json.dumps(dict(zip(IDENTITY_FIELDS, values, strict=True)), sort_keys=True, default=str)
 
 
 def answer_key(identity: str, text: str) -> bytes:
@@ -160,6 +170,10 @@ class AnswerCache:
             else:
                 owned[key] = [i]
                 self.inflight[key] = loop.create_future()
+        if not joined:  # nothing shared to wait on (the common case): no task, no wait set
+            preds = await self._compute(identity, texts, owned, compute)
+            self._repeat(owned, preds, out)
+            return []
         waits = [asyncio.ensure_future(_await_shared(future)) for future, _ in joined.values()]
         mine = asyncio.ensure_future(self._compute(identity, texts, owned, compute))
         try:
@@ -178,12 +192,19 @@ class AnswerCache:
             for i in indices:
                 out[i] = dataclasses.replace(pred, cache="coalesced")
             self.obs.cache_coalesced.inc(len(indices))
+        self._repeat(owned, preds, out)
+        return retry
+
+    def _repeat(
+        self, owned: dict[bytes, list[int]], preds: dict[bytes, Prediction], out: list[Prediction | None]
+    ) -> None:
+        """This request's own texts into place; a text it holds more than once is coalesced after the first."""
         for key, (first, *again) in owned.items():
             out[first] = preds[key]
-            for i in again:
-                out[i] = dataclasses.replace(preds[key], cache="coalesced")
-            self.obs.cache_coalesced.inc(len(again))
-        return retry
+            if again:
+                for i in again:
+                    out[i] = dataclasses.replace(preds[key], cache="coalesced")
+                self.obs.cache_coalesced.inc(len(again))
 
     async def _compute(
         self, identity: str, texts: list[str], owned: dict[bytes, list[int]], compute: Compute

@@ -1,20 +1,25 @@
 """Real processes for tests, through the harness's one launcher (harness/launch.py), plus nginx.
 
-    from tests.processes import Proc, free_port, start_nginx, start_uvicorn
+    from tests.processes import Proc, free_port, start_nginx, start_uvicorn, stub_http
     proc, url = start_uvicorn("replica", tmp_path, "batched_server:app", {"MODEL_ID": model_dir})
     wait_until_ok(proc, f"{url}/ready"); ...; proc.stop()
+    with stub_http(lambda request: (200, b"{}")) as url: ...   # a scripted stdlib server
 
 A missing binary skips the test and names the Debian package to install.
 """
 
 from __future__ import annotations
 
+import http.server
 import os
 import re
 import shutil
 import subprocess
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -35,8 +40,52 @@ __all__ = [
     "start",
     "start_nginx",
     "start_uvicorn",
+    "StubRequest",
+    "stub_http",
     "wait_until_ok",
 ]
+
+
+@dataclass(frozen=True)
+class StubRequest:
+    method: str
+    path: str
+    headers: Mapping[str, str]
+    body: bytes
+
+
+@contextmanager
+def stub_http(
+    answer: Callable[[StubRequest], tuple[int, bytes]], headers: Mapping[str, str] | None = None
+) -> Iterator[str]:
+    """A stdlib HTTP/1.1 server on 127.0.0.1 (keep-alive and no Nagle, as wrk and nginx expect) that
+    answers every GET and POST with answer(request) and the given headers; yields its base URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True
+
+        def reply(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            status, page = answer(StubRequest(self.command, self.path, dict(self.headers), body))
+            self.send_response(status)
+            for name, value in {**(headers or {}), "Content-Length": str(len(page))}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(page)
+
+        do_GET = do_POST = reply
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def need(binary: str, package: str) -> str:

@@ -60,6 +60,7 @@ class FakeEngine:
 
     async def __call__(self, texts: list[str]) -> list[Prediction]:
         self.calls.append(list(texts))
+        await asyncio.sleep(0)  # a real engine answers later, never within the call: it always suspends
         await self.gate.wait()
         if self.fail_next is not None:
             failure, self.fail_next = self.fail_next, None

@@ -18,18 +18,20 @@ import argparse
 import asyncio
 import copy
 import csv
-import http.server
 import json
 import shutil
 import socket
 import struct
-import threading
+import sys
+import time
+import types
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from harness import bench, one_user, overload, references, report, wrk
+from harness import bench, launch, one_user, overload, references, report, wrk
+from tests.processes import StubRequest, stub_http
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -289,6 +291,9 @@ def test_summary_round_trip_through_report(tmp_path):
             "duration_s": 10.0,
             "too_few_answers": False,
             **wrk.columns(wrk_result),
+            "server_cores": 1.75,
+            "server_cpu_ms_per_answer": 12.5,
+            "wrk_server_cores": 1.9,
         },
     ]
     bench.write_summary(tmp_path / "summary.csv", bench.add_ratios(rows, 120.0))
@@ -322,6 +327,10 @@ def test_summary_round_trip_through_report(tmp_path):
         "wrk_p99_ms": 150.25,
         "wrk_requests": 540.0,
         "wrk_errors": 62.0,  # 60 status + 2 timeouts
+        "server_cores": 1.75,
+        "server_cpu_ms_per_answer": 12.5,
+        "wrk_server_cores": 1.9,
+        "wrk_server_cpu_ms_per_answer": None,  # not measured: blank, not 0
         # the protocol and cache groups' columns (tests/test_harness_groups.py): blank on a row without them
         "corpus": None,
         "corpus_duplicate_share": None,
@@ -836,8 +845,8 @@ WRK_HEAD = [
     "## Locust beside wrk (32 users, POST /predict, closed loop)",
     "",
     "| configuration | Locust req/s | wrk req/s | wrk / Locust | Locust p50 ms | wrk p50 ms | Locust p99 ms "
-    "| wrk p99 ms | wrk errors |",
-    "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "| wrk p99 ms | wrk errors | server cores (wrk) | server CPU ms / answer (wrk) |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
 ]
 
 
@@ -859,7 +868,7 @@ def wrk_row(name: str, rps: float, wrk_rps: float | None, wrk_requests: float | 
         ),
         (
             [
-                wrk_row("batched", 60.0, 90.0, 1800.0),
+                wrk_row("batched", 60.0, 90.0, 1800.0, wrk_server_cores=1.834, wrk_server_cpu_ms_per_answer=20.38),
                 wrk_row("batched", 20.0, 40.0, 800.0, users=8),  # not wrk's user count
                 wrk_row("litserve", 10.0, None, None, group="peer"),  # wrk does not speak a peer's protocol
                 wrk_row("batched-b1", 30.0, None, None, wrk_errors=None),  # wrk failed
@@ -869,10 +878,10 @@ def wrk_row(name: str, rps: float, wrk_rps: float | None, wrk_requests: float | 
             {"users": 32, "version": "wrk 4.1.0 [epoll]"},
             [
                 *WRK_HEAD,
-                "| batched | 60.0 | 90.0 | 1.50 | 50 | 30 | 120 | 96 | 2 |",
-                "| batched-b1 | 30.0 | no wrk result |  | 50 |  | 120 |  |  |",
-                "| batched-pad | 5.0 | too few answers (150 in 15 s) |  | 50 |  | 120 |  | 2 |",
-                "| naive-blocking | too few answers (120 in 120 s) | 80.0 |  |  | 30 |  | 96 | 2 |",
+                "| batched | 60.0 | 90.0 | 1.50 | 50 | 30 | 120 | 96 | 2 | 1.83 | 20.38 |",
+                "| batched-b1 | 30.0 | no wrk result |  | 50 |  | 120 |  |  |  |  |",
+                "| batched-pad | 5.0 | too few answers (150 in 15 s) |  | 50 |  | 120 |  | 2 |  |  |",
+                "| naive-blocking | too few answers (120 in 120 s) | 80.0 |  |  | 30 |  | 96 | 2 |  |  |",
                 "",
             ],
         ),
@@ -1647,31 +1656,16 @@ def test_wrk_measures_a_local_server(tmp_path):
     seen: list[tuple[Any, ...]] = []
     failed = [0]
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive, as wrk expects
-        disable_nagle_algorithm = True
+    def answer(request: StubRequest) -> tuple[int, bytes]:
+        text = json.loads(request.body)["text"]
+        seen.append((text, request.headers["Content-Type"], request.headers["Authorization"]))
+        status = 503 if text == "fail me" else 200
+        failed[0] += status == 503
+        return status, b'{"label": "POSITIVE", "score": 0.9}'
 
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append((body["text"], self.headers["Content-Type"], self.headers["Authorization"]))
-            status = 503 if body["text"] == "fail me" else 200
-            failed[0] += status == 503
-            answer = b'{"label": "POSITIVE", "score": 0.9}'
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(answer)))
-            self.end_headers()
-            self.wfile.write(answer)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}/predict"
-        result = wrk.measure(url, 4, 1, texts, tmp_path / "x_u4", tmp_path / "x_u4", {"Authorization": "Bearer k"})
-    finally:
-        server.shutdown()
+    with stub_http(answer) as base:
+        prefix = tmp_path / "x_u4"
+        result = wrk.measure(f"{base}/predict", 4, 1, texts, prefix, prefix, {"Authorization": "Bearer k"})
     assert result is not None and result["requests"] > len(texts)  # round the corpus more than once
     assert {s[0] for s in seen} == set(texts) and {s[1:] for s in seen} == {("application/json", "Bearer k")}
     assert 0 < result["errors"]["status"] <= failed[0]  # the measured run's 503s, not the warm-up's
@@ -1682,3 +1676,46 @@ def test_wrk_measures_a_local_server(tmp_path):
     assert json.loads((tmp_path / "x_u4_wrk.json").read_text()) == result
     assert (tmp_path / "x_u4_wrk.lua").read_text() == wrk.lua_script(texts, {"Authorization": "Bearer k"})
     assert (tmp_path / "x_u4_wrk_warmup.log").exists() and (tmp_path / "x_u4_wrk.log").exists()
+
+
+# ------------------------------------------------- the server's CPU over a row (Process.cpu_seconds)
+
+SPIN_CHILD = """
+import subprocess, sys, time
+if sys.argv[1] == "parent":  # idles; its child spins until it has used 0.4 s of CPU, then idles too
+    child = subprocess.Popen([sys.executable, "-c", sys.argv[2], "child", sys.argv[3]])
+    time.sleep(120)
+else:
+    while time.process_time() < 0.4:
+        pass
+    open(sys.argv[2], "w").close()
+    time.sleep(120)
+"""
+
+
+def test_cpu_seconds_count_the_processes_under_the_server(tmp_path):
+    """A parent that idles and a child that spends 0.4 s of CPU: the child's seconds are the server's."""
+    done = tmp_path / "spun"
+    args = [sys.executable, "-c", SPIN_CHILD, "parent", SPIN_CHILD, str(done)]
+    proc = launch.Process.start("spin", args, tmp_path / "spin.log")
+    try:
+        deadline = time.monotonic() + 60
+        while not done.exists() and proc.popen.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert done.exists(), proc.text()
+        assert 0.4 <= proc.cpu_seconds() < 5  # the child's spin, its start-up and the parent's
+    finally:
+        proc.stop(grace_s=1)
+    assert proc.cpu_seconds() == 0.0  # gone: nothing to count, no error
+
+
+def test_cpu_window_gives_cores_and_milliseconds_an_answer(monkeypatch):
+    cpu, clock = iter([10.0, 11.5]), iter([100.0, 102.0])
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))
+    window = bench.CpuWindow(types.SimpleNamespace(cpu_seconds=lambda: next(cpu)))
+    assert window.columns("server", 300) == {"server_cores": 0.75, "server_cpu_ms_per_answer": 5.0}
+    cpu, clock = iter([0.0, 1.0]), iter([0.0, 1.0])
+    assert bench.CpuWindow(types.SimpleNamespace(cpu_seconds=lambda: next(cpu))).columns("x", 0) == {
+        "x_cores": 1.0,
+        "x_cpu_ms_per_answer": None,  # no answer: no per-answer figure, not a division by zero
+    }

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import http.server
 import importlib.util
 import json
 import os
@@ -27,7 +26,6 @@ import re
 import shutil
 import struct
 import sys
-import threading
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +37,7 @@ from tritonclient.grpc import service_pb2
 
 from harness import bench, bench_groups, groups_report, grpc_infer, paired, report, wrk
 from harness.launch import ROOT
+from tests.processes import StubRequest, stub_http
 from tests.test_harness import lua_unquote
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -473,32 +472,19 @@ def test_wrk_posts_numbered_v2_bodies_to_a_local_server(tmp_path):
     measured run's numbers not the warm-up's; on_start runs between the two."""
     seen: list[tuple[str, str]] = []
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        disable_nagle_algorithm = True
+    def answer(request: StubRequest) -> tuple[int, bytes]:
+        (tensor,) = json.loads(request.body)["inputs"]
+        seen.append((request.path, tensor["data"][0]))
+        return 200, b'{"outputs": []}'
 
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            (tensor,) = body["inputs"]
-            seen.append((self.path, tensor["data"][0]))
-            answer = b'{"outputs": []}'
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(answer)))
-            self.end_headers()
-            self.wfile.write(answer)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     marks: list[int] = []
-    try:
-        url = f"http://127.0.0.1:{server.server_port}" + wrk.path("v2")
+
+    def at_start() -> None:
+        marks.append(len(seen))
+
+    with stub_http(answer) as base:
         prefix = tmp_path / "v_u2"
-        result = wrk.measure(url, 2, 1, ["one", "two"], prefix, prefix, {}, "v2", True, lambda: marks.append(len(seen)))
-    finally:
-        server.shutdown()
+        result = wrk.measure(base + wrk.path("v2"), 2, 1, ["one", "two"], prefix, prefix, {}, "v2", True, at_start)
     assert result is not None and result["requests"] > 2
     assert {p for p, _ in seen} == {"/v2/models/sentiment/infer"}
     texts = [t for _, t in seen]
@@ -699,7 +685,10 @@ def test_bench_point_glue_for_grpc_and_cache_rows(monkeypatch, tmp_path):
     monkeypatch.setattr(bench.wrk, "measure", measure)
     p = bench.PROFILES["quick"]
     a = argparse.Namespace(corpus="data/short.txt", wrk_version="wrk 4.1.0")
-    proc = types.SimpleNamespace(url="http://127.0.0.1:7", grpc_url="grpc://127.0.0.1:9")
+    readings = iter(range(100))  # the server's CPU seconds: one more at every reading
+    proc = types.SimpleNamespace(
+        url="http://127.0.0.1:7", grpc_url="grpc://127.0.0.1:9", cpu_seconds=lambda: float(next(readings))
+    )
     (server,) = bench_groups.protocol_configs(p)
     monkeypatch.setattr(bench, "scrape", lambda url: {})
     row, _ = bench.bench_point(server.rows[2], 8, p, a, tmp_path, proc, {})
@@ -713,6 +702,9 @@ def test_bench_point_glue_for_grpc_and_cache_rows(monkeypatch, tmp_path):
     assert row["cache_hit_share"] == pytest.approx(0.75)  # 30 of 40, Locust's run
     assert row["wrk_cache_hit_share"] == pytest.approx(0.6)  # 40->100 hits, 20->60 misses: wrk's run alone
     assert (row["unique_texts"], row["cache_bytes"], row["wrk_requests"]) == (True, 64_000_000, 300.0)
+    # 1 CPU second over each window: Locust's 400 answers; wrk's 300, from on_start (its warm-up not counted)
+    assert row["server_cpu_ms_per_answer"] == pytest.approx(2.5)
+    assert row["wrk_server_cpu_ms_per_answer"] == pytest.approx(1000 / 300)
     monkeypatch.setattr(bench, "scrape", lambda url: {})
     v2 = bench.bench_point(server.rows[1], 8, p, a, tmp_path, proc, {})[0]
     assert measures[-1]["url"] == "http://127.0.0.1:7/v2/models/sentiment/infer" and measures[-1]["protocol"] == "v2"
@@ -749,9 +741,10 @@ def summary_rows() -> list[dict[str, Any]]:
         r("proto-json", "protocol", 1, 40.0, 25.0),
         r("proto-v2-http", "protocol", 1, 38.0, 26.0),
         r("proto-grpc", "protocol", 1, 39.0, 24.0),
-        r("proto-json", "protocol", 32, 100.0, 300.0, wrk_requests_per_s=110.0, wrk_p50_ms=280.0, **wrk_cols),
+        r("proto-json", "protocol", 32, 100.0, 300.0, wrk_requests_per_s=110.0, wrk_p50_ms=280.0, **wrk_cols)
+        | {"server_cpu_ms_per_answer": 1.25},
         r("proto-v2-http", "protocol", 32, 95.0, 320.0, wrk_requests_per_s=99.0, wrk_p50_ms=290.0, **wrk_cols),
-        r("proto-grpc", "protocol", 32, 90.0, 330.0),
+        r("proto-grpc", "protocol", 32, 90.0, 330.0, server_cpu_ms_per_answer=2.0),
         r(
             "batched-cache-off-dup",
             "cache",
@@ -844,7 +837,10 @@ def test_protocol_ratios(tmp_path):
     )
     assert "| requests/s at 32 users, Locust | 0.90 | 0.95 |" in lines
     assert f"| requests/s at 32 users, wrk | {groups_report.NO_WRK} | 0.90 |" in lines
-    assert f"| proto-grpc | 32 | 90.0 | 330 | 990 | 0 | {groups_report.NO_WRK} |  |  |" in lines
+    assert f"| proto-grpc | 32 | 90.0 | 330 | 990 | 0 | 2.00 | {groups_report.NO_WRK} |  |  |" in lines
+    assert "| proto-json | 32 | 100.0 | 300 | 900 | 0 | 1.25 | 110.0 | 280 |  |" in lines
+    cpu = "| the server's CPU per answer at 32 users, Locust (its own cost, whatever the client's)"
+    assert f"{cpu} | 1.60 (+0.75 ms) | not measured |" in lines  # v2's row has no CPU figure
     assert "- gRPC has no wrk row: wrk speaks HTTP/1.1 only." in text
 
 
@@ -998,22 +994,8 @@ def test_paired_counters_read_the_cache_lines_of_metrics():
         b'sentimentalyzer_cache_bytes{where="local"} 123.0\n'
     )
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200 if self.path == "/metrics" else 404)
-            self.send_header("Content-Length", str(len(page)))
-            self.end_headers()
-            self.wfile.write(page)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        got = paired.counters(f"http://127.0.0.1:{server.server_port}")
-    finally:
-        server.shutdown()
+    with stub_http(lambda request: (200 if request.path == "/metrics" else 404, page)) as base:
+        got = paired.counters(base)
     assert got == {"hits": 5.0, "misses": 40.0, "coalesced": 0.0}  # both stores summed; coalesced absent: 0
 
 

@@ -20,11 +20,9 @@ import re
 import shutil
 import signal
 import socket
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
@@ -35,7 +33,17 @@ from prometheus_client import CollectorRegistry, multiprocess
 
 from serving import grpc_predict_v2_pb2 as pb
 from serving.grpc_server import SERVICE
-from tests.processes import Proc, eventually, free_port, need, start_nginx, start_uvicorn, wait_until_ok
+from tests.processes import (
+    Proc,
+    StubRequest,
+    eventually,
+    free_port,
+    need,
+    start_nginx,
+    start_uvicorn,
+    stub_http,
+    wait_until_ok,
+)
 from tests.test_ops import sample, scrape
 
 KEYS = ("k-metrics", "k-shared", "k-nginx", "k-logs", "k-failover", "k-stub")
@@ -198,46 +206,27 @@ def test_nginx_round_robins_over_both_replicas(cluster: Cluster, nginx_url: str)
         assert big.status_code == 413 and big.json()["detail"] == "request body over 1048576 bytes"
 
 
-class NotReady(BaseHTTPRequestHandler):
-    """A replica that is up but not ready: 503 to everything, as the app answers before warm-up."""
-
-    hits = 0
-
-    def do_POST(self) -> None:
-        type(self).hits += 1
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        body = b'{"detail": "model not ready"}'
-        self.send_response(503)
-        for name, value in (
-            ("Content-Type", "application/json"),
-            ("Retry-After", "1"),
-            ("Content-Length", str(len(body))),
-        ):
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *_: object) -> None:
-        pass
-
-
 def test_nginx_skips_a_replica_that_is_not_ready(cluster: Cluster) -> None:
-    stub = ThreadingHTTPServer(("127.0.0.1", 0), NotReady)
-    threading.Thread(target=stub.serve_forever, daemon=True).start()
-    nginx, url = start_nginx(
-        cluster.tmp / "nginx-stub", [cluster.a_url.removeprefix("http://"), f"127.0.0.1:{stub.server_address[1]}"]
-    )
-    try:
-        statuses = [
-            httpx.post(f"{url}/predict", json=TEXT, headers={"X-API-Key": "k-stub"}, timeout=10).status_code
-            for _ in range(6)
-        ]
-    finally:
-        nginx.stop()
-        stub.shutdown()
-        stub.server_close()
+    hits: list[str] = []
+
+    def not_ready(request: StubRequest) -> tuple[int, bytes]:
+        """Up but not ready: 503 to everything, as the app answers before warm-up."""
+        hits.append(request.path)
+        return 503, b'{"detail": "model not ready"}'
+
+    with stub_http(not_ready, {"Content-Type": "application/json", "Retry-After": "1"}) as stub:
+        nginx, url = start_nginx(
+            cluster.tmp / "nginx-stub", [cluster.a_url.removeprefix("http://"), stub.removeprefix("http://")]
+        )
+        try:
+            statuses = [
+                httpx.post(f"{url}/predict", json=TEXT, headers={"X-API-Key": "k-stub"}, timeout=10).status_code
+                for _ in range(6)
+            ]
+        finally:
+            nginx.stop()
     assert statuses == [200] * 6
-    assert NotReady.hits >= 1  # it was in the rotation, and its 503s were retried on the ready replica
+    assert hits  # it was in the rotation, and its 503s were retried on the ready replica
 
 
 class CountingReplica:
