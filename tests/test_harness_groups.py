@@ -17,6 +17,7 @@ expected value is worked out by hand from the small inputs beside it.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import csv
 import dataclasses
 import importlib.util
@@ -35,7 +36,7 @@ import grpc
 import pytest
 from tritonclient.grpc import service_pb2
 
-from harness import bench, bench_groups, groups_report, grpc_infer, paired, report, wrk
+from harness import bench, bench_groups, cache_overhead, groups_report, grpc_infer, paired, report, wrk
 from harness.launch import ROOT
 from tests.processes import StubRequest, stub_http
 from tests.test_harness import lua_unquote
@@ -1043,3 +1044,28 @@ def test_paired_settings_are_name_value_pairs():
     for bad in ("BACKEND", "backend=torch", "=1"):
         with pytest.raises(argparse.ArgumentTypeError):
             paired.pairs(bad)
+
+
+# ------------------------------------------------ harness.cache_overhead: the cache's own cost, in-process
+
+
+def test_cache_overhead_kinds_are_what_they_say():
+    rows = asyncio.run(cache_overhead.rounds(30, 2, 1 << 20))
+    assert cache_overhead.marks(rows) == {"direct": {"direct": 60}, "miss": {"miss": 60}, "hit": {"hit": 60}}
+    assert all(r[k] > 0 for r in rows for k in ("direct", "miss", "hit"))
+
+
+def test_cache_overhead_summary_and_report():
+    rows = [
+        {"direct": 10.0, "miss": 20.0, "hit": 14.0},
+        {"direct": 12.0, "miss": 21.0, "hit": 12.0},
+        {"direct": 11.0, "miss": 25.0, "hit": 13.0},
+    ]
+    s = cache_overhead.summary(rows)
+    assert (s["direct_us"], s["miss_us"], s["hit_us"]) == (11.0, 21.0, 13.0)
+    assert (s["miss_cost_us"], s["hit_cost_us"]) == (10.0, 2.0)  # medians of each round's difference
+    meta = {"summary": s, "cpu": {"model_name": "C", "cores": 2, "flags": ["avx2"]}, "command": "x", "requests": 3}
+    meta |= {"rounds": 3, "git_commit": "abc", "git_dirty": False, "marks": {"miss": {"miss": 9}}}
+    text = cache_overhead.report(meta)
+    assert "The cache adds **10.0 us** to a request whose text is new, and +2.0 us" in text
+    assert "| miss | 21.0 |" in text and '{"miss": {"miss": 9}}' in text
