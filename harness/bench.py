@@ -10,7 +10,7 @@
     python -m harness.bench --only batched,naive-threadpool --users 8,32 --duration 15
     python -m harness.bench --ops --only ops --out results/cpu-2core-ops   # keys, rate limit, JSON logs: on vs off
     python -m harness.bench --protocols --only protocol --corpus data/short.txt --out results/cpu-avx2-protocols
-    python -m harness.bench --protocols --only protocol --tiny-model --out results/cpu-avx2-protocols-tiny
+    python -m harness.bench --protocols --only protocol --tiny-model --out results/cpu-avx512-protocols-tiny
     python -m harness.bench --cache --only cache --out results/cpu-avx2-cache   # cache off/on (harness/bench_groups.py)
     python -m harness.bench --min-answers 200 --max-duration-s 120   # the defaults: every row holds 200 answers
     python -m harness.bench --wrk-users 32           # the default: 32-user rows also run wrk (0: no wrk)

@@ -3,7 +3,8 @@
     MODEL_ID=stand-in python -m harness.paired --out results/cpu-avx2-cache-cost     # the cache's cost
     MODEL_ID=stand-in python -m harness.paired --off BACKEND=torch --on BACKEND=torch,TORCH_COMPILE=1 \
         --corpus data/reviews.txt --out results/cpu-avx2-compile-served
-    python -m harness.paired --tiny-model --out results/cpu-avx2-cache-cost-tiny  # HTTP the whole cost
+    python -m harness.paired --tiny-model --pairs 4 --rounds 2 --out results/cpu-avx512-cache-cost-tiny
+    python -m harness.paired --tiny-model --pairs 4 --rounds 2 --on CACHE_BYTES=0 --out results/cpu-avx512-aa-tiny
     python -m harness.paired --rounds 2 --seconds 10
 
 Two servers run for the whole run, "off" and "on", each with its settings (--off, --on: NAME=value
@@ -17,12 +18,18 @@ batching, cores). Separate fresh servers per row (`harness.bench --cache`) mix a
 server's start-to-start variation; this pairs them. --tiny-model runs both on the tests' tiny
 DistilBERT (harness.bench's model_override), where the model costs next to nothing and any cost of
 the setting on the request path shows in full.
+
+Two servers of the very same settings can differ by 15% at such rates (an A/A run, `--on` equal to
+`--off`, shows it: where a process's threads land, its memory layout), which rounds cannot pair away.
+--pairs N starts N fresh pairs one after the other, the first started of each pair alternating, and
+the verdict is the median over every pair's rounds; run the A/A beside it for the noise floor.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -60,8 +67,14 @@ def counters(url: str) -> dict[str, float]:
     return values
 
 
-def measure(url: str, name: str, args: argparse.Namespace, texts: list[str], work: Path) -> dict[str, Any]:
+def measure(server: Process, name: str, args: argparse.Namespace, texts: list[str], work: Path) -> dict[str, Any]:
     before: dict[str, float] = {}
+    url, cpu = server.url, bench.CpuWindow(server)
+
+    def on_start() -> None:  # after wrk's warm-up: the measured run alone
+        before.update(counters(url))
+        cpu.start()
+
     result = wrk.measure(
         f"{url}/predict",
         args.users,
@@ -71,15 +84,24 @@ def measure(url: str, name: str, args: argparse.Namespace, texts: list[str], wor
         work / name,
         {},
         unique=True,
-        on_start=lambda: before.update(counters(url)),
+        on_start=on_start,
     )
-    after = counters(url)
-    return {**wrk.columns(result), **{f"cache_{k}": after[k] - before.get(k, 0.0) for k in COUNTERS}}
+    after, cols = counters(url), wrk.columns(result)
+    return {
+        **cols,
+        **cpu.columns("server", cols["wrk_requests"]),
+        **{f"cache_{k}": after[k] - before.get(k, 0.0) for k in COUNTERS},
+    }
 
 
-def paired_ratios(rows: list[dict[str, Any]]) -> list[float]:
-    """Each round's on/off throughput; a round where either side answered nothing is left out, not 0."""
-    by_round = {(r["round"], r["side"]): r["wrk_requests_per_s"] for r in rows}
+def _f(v: float | None, digits: int) -> str:
+    return "" if v is None else f"{v:.{digits}f}"
+
+
+def paired_ratios(rows: list[dict[str, Any]], key: str = "wrk_requests_per_s") -> list[float]:
+    """Each round's on/off figure (throughput by default); a round where either side has none is left
+    out, not 0."""
+    by_round = {(r["round"], r["side"]): r.get(key) for r in rows}
     rounds = sorted({r["round"] for r in rows})
     return [
         by_round[(n, "on")] / by_round[(n, "off")]
@@ -99,40 +121,71 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"CPU: {cpu['model_name']}, {cpu['cores']} cores, flags {' '.join(cpu['flags'])}.",
         *(f"Server {name}: /ready {json.dumps(body, sort_keys=True)}" for name, body in meta["ready"].items()),
         "",
-        "| round | side | req/s | p50 ms | p99 ms | errors | hits | misses | coalesced |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| pair | round | side | req/s | p50 ms | p99 ms | errors | server cores | server CPU ms / answer | hits "
+        "| misses | coalesced |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['round']} | {r['side']} | {r['wrk_requests_per_s'] or 0:.1f} | {r['wrk_p50_ms'] or 0:.1f} "
-            f"| {r['wrk_p99_ms'] or 0:.1f} | {r['wrk_errors'] or 0:.0f} | {r['cache_hits']:.0f} "
-            f"| {r['cache_misses']:.0f} | {r['cache_coalesced']:.0f} |"
+            f"| {r.get('pair', 1)} | {r['round']} | {r['side']} | {r['wrk_requests_per_s'] or 0:.1f} "
+            f"| {r['wrk_p50_ms'] or 0:.1f} | {r['wrk_p99_ms'] or 0:.1f} | {r['wrk_errors'] or 0:.0f} "
+            f"| {_f(r.get('server_cores'), 2)} | {_f(r.get('server_cpu_ms_per_answer'), 3)} "
+            f"| {r['cache_hits']:.0f} | {r['cache_misses']:.0f} | {r['cache_coalesced']:.0f} |"
         )
-    ratios = meta["ratios"]
+    ratios, cpu_ratios = meta["ratios"], paired_ratios(rows, "server_cpu_ms_per_answer")
     lines += ["", f"on/off per round: {', '.join(f'{x:.3f}' for x in ratios)}"]
     if ratios:
-        lines.append(f"median on/off: **{statistics.median(ratios):.3f}**")
+        lines.append(f"median on/off: **{statistics.median(ratios):.3f}** ({meta.get('pairs', 1)} pair(s) of servers)")
+    if cpu_ratios:
+        lines.append(
+            f"server CPU an answer, on/off per round: {', '.join(f'{x:.3f}' for x in cpu_ratios)}; "
+            f"median **{statistics.median(cpu_ratios):.3f}** (below 1: on spends less)"
+        )
     return "\n".join(lines) + "\n"
 
 
-def run_rounds(args: argparse.Namespace, urls: dict[str, str], work: Path) -> list[dict[str, Any]]:
+def run_rounds(
+    args: argparse.Namespace, servers: dict[str, Process], work: Path, first: int = 0
+) -> list[dict[str, Any]]:
     texts = read_corpus(args.corpus)
-    for name, url in urls.items():  # unrecorded warm-up of each, the measured rounds then follow
-        wrk.measure(
-            f"{url}/predict", args.users, args.warmup_s, texts, work / f"warm-{name}", work / f"warm-{name}", {}
-        )
+    for name, server in servers.items():  # unrecorded warm-up of each, the measured rounds then follow
+        warm = work / f"warm-{name}"
+        wrk.measure(f"{server.url}/predict", args.users, args.warmup_s, texts, warm, warm, {})
     rows = []
-    for rnd in range(1, args.rounds + 1):
+    for rnd in range(first + 1, first + args.rounds + 1):
         for name in ("off", "on") if rnd % 2 else ("on", "off"):
-            rows.append({"round": rnd, "side": name, **measure(urls[name], f"r{rnd}-{name}", args, texts, work)})
+            rows.append({"round": rnd, "side": name, **measure(servers[name], f"r{rnd}-{name}", args, texts, work)})
             print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def run_pair(args: argparse.Namespace, pair: int, work: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One fresh pair of servers for args.rounds rounds (numbered on from the pairs before); the first
+    started alternates from pair to pair."""
+    work.mkdir(parents=True)
+    servers: dict[str, Process] = {}
+    ready: dict[str, Any] = {}
+    order = (("off", args.off), ("on", args.on))
+    try:
+        for name, changes in order if pair % 2 else order[::-1]:
+            env = environ({**changes, "ENGINE_SOCKET": str(work / f"{name}.sock")})
+            env.setdefault("MODEL_ID", "stand-in")
+            env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+            servers[name] = Process.uvicorn("batched_server:app", work / f"{name}.log", env)
+            # one at a time: two warm-ups would share the cores. /ready names engine, batching and cores
+            ready[name] = servers[name].wait_ready(timeout_s=600)
+        rows = run_rounds(args, {n: servers[n] for n in ("off", "on")}, work, first=(pair - 1) * args.rounds)
+    finally:
+        for proc in servers.values():
+            proc.stop()
+    return [{"pair": pair, **r} for r in rows], ready
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", default="data/short.txt")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=4, help="a pair")
+    parser.add_argument("--pairs", type=int, default=1, help="fresh server pairs, one after the other")
     parser.add_argument("--users", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--warmup-s", type=float, default=5.0)
@@ -143,24 +196,17 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    ready: dict[str, Any] = {}
     with bench.model_override(args.tiny_model) as tiny, tempfile.TemporaryDirectory(prefix="paired-") as tmp:
-        work, servers, ready = Path(tmp), {}, {}
-        try:
-            for name, changes in (("off", args.off), ("on", args.on)):
-                env = environ({**changes, "ENGINE_SOCKET": str(work / f"{name}.sock")})
-                env.setdefault("MODEL_ID", "stand-in")
-                env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-                servers[name] = Process.uvicorn("batched_server:app", work / f"{name}.log", env)
-                # one at a time: two warm-ups would share the cores. /ready names engine, batching and cores
-                ready[name] = servers[name].wait_ready(timeout_s=600)
-            rows = run_rounds(args, {n: p.url for n, p in servers.items()}, work)
-            model_id = tiny.get("model_id", env["MODEL_ID"])
-        finally:
-            for proc in servers.values():
-                proc.stop()
+        for pair in range(1, args.pairs + 1):
+            pair_rows, pair_ready = run_pair(args, pair, Path(tmp) / f"pair{pair}")
+            rows += pair_rows
+            ready |= {name if pair == 1 else f"{name} (pair {pair})": body for name, body in pair_ready.items()}
+        model_id = tiny.get("model_id", os.environ.get("MODEL_ID", "stand-in"))
     meta = {
         "command": command_line(),
-        **{k: getattr(args, k) for k in ("corpus", "users", "seconds", "rounds")},
+        **{k: getattr(args, k) for k in ("corpus", "users", "seconds", "rounds", "pairs")},
         **{k: ",".join(f"{n}={v}" for n, v in getattr(args, k).items()) for k in ("off", "on")},
         "model_id": model_id,
         "cpu": cpu_info(),

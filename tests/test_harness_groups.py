@@ -17,6 +17,7 @@ expected value is worked out by hand from the small inputs beside it.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import csv
 import dataclasses
 import importlib.util
@@ -35,7 +36,7 @@ import grpc
 import pytest
 from tritonclient.grpc import service_pb2
 
-from harness import bench, bench_groups, groups_report, grpc_infer, paired, report, wrk
+from harness import bench, bench_groups, cache_overhead, groups_report, grpc_infer, paired, report, wrk
 from harness.launch import ROOT
 from tests.processes import StubRequest, stub_http
 from tests.test_harness import lua_unquote
@@ -958,28 +959,66 @@ def test_tiny_model_is_the_model_id_of_every_server_the_run_starts(monkeypatch, 
 
 def test_paired_rounds_give_the_median_ratio_and_the_report():
     rows = [
-        {"round": 1, "side": "off", "wrk_requests_per_s": 100.0},
-        {"round": 1, "side": "on", "wrk_requests_per_s": 99.0},
-        {"round": 2, "side": "on", "wrk_requests_per_s": 90.0},
-        {"round": 2, "side": "off", "wrk_requests_per_s": 100.0},
-        {"round": 3, "side": "off", "wrk_requests_per_s": 50.0},
-        {"round": 3, "side": "on", "wrk_requests_per_s": None},  # wrk failed: no ratio, not a 0
-        {"round": 4, "side": "on", "wrk_requests_per_s": 102.0},
-        {"round": 4, "side": "off", "wrk_requests_per_s": 100.0},
+        {"round": 1, "side": "off", "wrk_requests_per_s": 100.0, "server_cpu_ms_per_answer": 1.0},
+        {"round": 1, "side": "on", "wrk_requests_per_s": 99.0, "server_cpu_ms_per_answer": 1.02},
+        {"round": 2, "side": "on", "wrk_requests_per_s": 90.0, "server_cpu_ms_per_answer": 1.1},
+        {"round": 2, "side": "off", "wrk_requests_per_s": 100.0, "server_cpu_ms_per_answer": 1.0},
+        {"pair": 2, "round": 3, "side": "off", "wrk_requests_per_s": 50.0, "server_cpu_ms_per_answer": None},
+        {"pair": 2, "round": 3, "side": "on", "wrk_requests_per_s": None},  # wrk failed: no ratio, not a 0
+        {"pair": 2, "round": 4, "side": "on", "wrk_requests_per_s": 102.0, "server_cpu_ms_per_answer": 0.9},
+        {"pair": 2, "round": 4, "side": "off", "wrk_requests_per_s": 100.0, "server_cpu_ms_per_answer": 1.0},
     ]
     ratios = paired.paired_ratios(rows)
     assert ratios == pytest.approx([0.99, 0.90, 1.02])
+    assert paired.paired_ratios(rows, "server_cpu_ms_per_answer") == pytest.approx([1.02, 1.1, 0.9])
     for r in rows:
-        r.update({"wrk_p50_ms": 1.0, "wrk_p99_ms": 2.0, "wrk_errors": 0, "cache_hits": 0.0})
+        r.update({"wrk_p50_ms": 1.0, "wrk_p99_ms": 2.0, "wrk_errors": 0, "cache_hits": 0.0, "server_cores": 1.5})
         r.update({"cache_misses": 5.0, "cache_coalesced": 0.0})
     cpu = {"model_name": "Some CPU", "cores": 2, "flags": ["avx2"]}
-    meta = {"command": "x", "users": 32, "seconds": 15, "corpus": "c", "model_id": "stand-in"}
+    meta = {"command": "x", "users": 32, "seconds": 15, "corpus": "c", "model_id": "stand-in", "pairs": 2}
     meta |= {"off": "CACHE_BYTES=0", "on": "CACHE_BYTES=9"}
     meta |= {"git_commit": "abc", "git_dirty": False, "cpu": cpu, "ratios": ratios, "ready": {"on": {"dtype": "f"}}}
     text = paired.report(rows, meta)
-    assert "median on/off: **0.990**" in text and "on (CACHE_BYTES=9) against off (CACHE_BYTES=0)" in text
+    assert "median on/off: **0.990** (2 pair(s) of servers)" in text
+    assert "on (CACHE_BYTES=9) against off (CACHE_BYTES=0)" in text
+    assert "server CPU an answer, on/off per round: 1.020, 1.100, 0.900; median **1.020**" in text
     assert 'Server on: /ready {"dtype": "f"}' in text
-    assert "| 3 | on | 0.0 |" in text and "flags avx2" in text
+    assert "| 2 | 3 | on | 0.0 |" in text and "| 1 | 1 | off | 100.0 | 1.0 | 2.0 | 0 | 1.50 | 1.000 |" in text
+    assert "flags avx2" in text
+
+
+def test_paired_pairs_start_fresh_servers_first_one_alternating(monkeypatch, tmp_path):
+    started, stopped = [], []
+
+    class FakeServer:
+        def __init__(self, log: Path) -> None:
+            self.url, self.name = f"http://127.0.0.1/{log.stem}", log.stem
+
+        def wait_ready(self, timeout_s: float) -> dict[str, Any]:
+            return {"pid": len(started)}
+
+        def stop(self) -> None:
+            stopped.append(self.name)
+
+    def uvicorn(target, log, env):
+        started.append((log.parent.name, log.stem, env["CACHE_BYTES"]))
+        return FakeServer(log)
+
+    def run_rounds(args, servers, work, first=0):
+        assert list(servers) == ["off", "on"]  # named, whichever started first
+        return [{"round": first + n, "side": side} for n in (1, 2) for side in ("off", "on")]
+
+    monkeypatch.setattr(paired.Process, "uvicorn", uvicorn)
+    monkeypatch.setattr(paired, "run_rounds", run_rounds)
+    args = argparse.Namespace(off={"CACHE_BYTES": "0"}, on={"CACHE_BYTES": "9"}, rounds=2)
+    rows = []
+    for pair in (1, 2):
+        pair_rows, ready = paired.run_pair(args, pair, tmp_path / f"pair{pair}")
+        rows += pair_rows
+        assert set(ready) == {"off", "on"}
+    assert started == [("pair1", "off", "0"), ("pair1", "on", "9"), ("pair2", "on", "9"), ("pair2", "off", "0")]
+    assert sorted(stopped) == ["off", "off", "on", "on"]
+    assert [(r["pair"], r["round"]) for r in rows] == [(1, 1), (1, 1), (1, 2), (1, 2), (2, 3), (2, 3), (2, 4), (2, 4)]
 
 
 def test_paired_counters_read_the_cache_lines_of_metrics():
@@ -1005,3 +1044,28 @@ def test_paired_settings_are_name_value_pairs():
     for bad in ("BACKEND", "backend=torch", "=1"):
         with pytest.raises(argparse.ArgumentTypeError):
             paired.pairs(bad)
+
+
+# ------------------------------------------------ harness.cache_overhead: the cache's own cost, in-process
+
+
+def test_cache_overhead_kinds_are_what_they_say():
+    rows = asyncio.run(cache_overhead.rounds(30, 2, 1 << 20))
+    assert cache_overhead.marks(rows) == {"direct": {"direct": 60}, "miss": {"miss": 60}, "hit": {"hit": 60}}
+    assert all(r[k] > 0 for r in rows for k in ("direct", "miss", "hit"))
+
+
+def test_cache_overhead_summary_and_report():
+    rows = [
+        {"direct": 10.0, "miss": 20.0, "hit": 14.0},
+        {"direct": 12.0, "miss": 21.0, "hit": 12.0},
+        {"direct": 11.0, "miss": 25.0, "hit": 13.0},
+    ]
+    s = cache_overhead.summary(rows)
+    assert (s["direct_us"], s["miss_us"], s["hit_us"]) == (11.0, 21.0, 13.0)
+    assert (s["miss_cost_us"], s["hit_cost_us"]) == (10.0, 2.0)  # medians of each round's difference
+    meta = {"summary": s, "cpu": {"model_name": "C", "cores": 2, "flags": ["avx2"]}, "command": "x", "requests": 3}
+    meta |= {"rounds": 3, "git_commit": "abc", "git_dirty": False, "marks": {"miss": {"miss": 9}}}
+    text = cache_overhead.report(meta)
+    assert "The cache adds **10.0 us** to a request whose text is new, and +2.0 us" in text
+    assert "| miss | 21.0 |" in text and '{"miss": {"miss": 9}}' in text
